@@ -1,0 +1,31 @@
+# The README's commands. Each installs what it needs first (scripts/bootstrap.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: deps test lint unit demo bench clean
+
+deps:
+	@bash scripts/bootstrap.sh
+
+lint: deps
+	$(VENV)/bin/ruff check exporter tests bench
+	$(VENV)/bin/mypy
+
+## make test: the whole suite (lint, types, unit, namespace integration, lab, end-to-end)
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## make demo [SCENARIO=table-full] [DEMO_SECONDS=30]: the exporter in a live lab with Prometheus and Alertmanager
+demo: deps
+	$(PY) -m tests.lab demo $(if $(SCENARIO),--scenario $(SCENARIO)) $(if $(DEMO_SECONDS),--seconds $(DEMO_SECONDS))
+
+## make bench: benchmarks, printed as ratios against named references
+bench: deps
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""Command line: Go-exporter-style flags, each with a CONNTRACK_DNS_EXPORTER_* environment twin.
+
+Bad input (unknown flag, bad value, unusable listen address) exits 2 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from exporter import __version__, logs
+from exporter.config import add_flag, parse_duration, parse_hostport
+from exporter.features import all_features
+
+DEFAULT_PORT = 19153
+PROG = "conntrack-dns-exporter"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    return parse_hostport(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
+                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    g = p.add_argument_group("web")
+    add_flag(g, "--web.listen-address", default=("", DEFAULT_PORT), type=listen_address, metavar="[HOST]:PORT",
+             help=f"Address to serve /metrics on (default :{DEFAULT_PORT}).")
+    add_flag(g, "--web.keepalive", default=True, action="bool",
+             help="HTTP/1.1 keep-alive, so a scrape connection survives a full conntrack table.")
+    add_flag(g, "--web.idle-timeout", default=300.0, type=parse_duration,
+             help="Close a client connection idle for this long.")
+    g = p.add_argument_group("logging")
+    add_flag(g, "--log.level", default="info", choices=logs.LEVELS, help="Log level.")
+    add_flag(g, "--log.format", default="logfmt", choices=logs.FORMATS, help="Log format.")
+    for feature in all_features():
+        feature.add_arguments(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from exporter.app import run
+
+    return run(args)

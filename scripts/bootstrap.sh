@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything `make test`, `make demo` and `make bench` need, idempotently:
+# Debian packages (when root and missing), a virtualenv in .venv, the project with its test extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(conntrack nftables iproute2 dnsmasq-base unbound prometheus prometheus-alertmanager
+              prometheus-node-exporter dnsutils libcap2-bin procps util-linux)
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "bootstrap: missing Debian packages (not root, tests needing them will skip): ${missing[*]}" >&2
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: installing the project and its test extra into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
