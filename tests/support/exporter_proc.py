@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -48,9 +49,10 @@ class Exporter:
         if netns is not None:
             argv = netns.cmd(argv)
         full_env = {**os.environ, **(env or {})}
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # stderr goes to a file, never a pipe: a chatty exporter must not block on a full pipe.
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log, text=True,
                                      env=full_env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-        self._stderr: str | None = None
 
     def connect(self, timeout: float = 5.0) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -99,10 +101,9 @@ class Exporter:
         return self.proc.returncode
 
     def stderr(self) -> str:
-        if self._stderr is None and self.proc.poll() is not None:
-            assert self.proc.stderr is not None
-            self._stderr = self.proc.stderr.read()
-        return self._stderr or ""
+        """Everything the exporter has logged so far."""
+        self._log.seek(0)
+        return self._log.read()
 
     def __enter__(self) -> Exporter:
         self.wait_ready()
