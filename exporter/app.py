@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__, logs
-from exporter.collectors.base import CollectorError, Collector, ScrapeWrapper, Service
+from exporter.collectors.base import Collector, CollectorError, ScrapeWrapper, Service
 from exporter.features import AppContext, all_features
 from exporter.server import ExporterHTTPServer
 

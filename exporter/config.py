@@ -110,8 +110,8 @@ def add_flag(
     flag: str,
     *,
     default: Any = None,
-    type: Callable[[str], Any] | None = None,  # noqa: A002 - mirrors argparse
-    help: str,  # noqa: A002
+    type: Callable[[str], Any] | None = None,
+    help: str,
     action: str | type[argparse.Action] | None = None,
     choices: Sequence[str] | None = None,
     metavar: str | None = None,

@@ -67,12 +67,12 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         # The socket timeout bounds how long an idle keep-alive connection (or a client that never sends
         # a request) holds its thread.
-        self.timeout = self.server.idle_timeout
+        self.request.settimeout(self.server.idle_timeout)
         super().setup()
         if not self.server.keepalive:
             self.protocol_version = "HTTP/1.0"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+    def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/metrics":
             self._metrics()
@@ -88,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"Not found\n", "text/plain; charset=utf-8")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET()
 
     def _metrics(self) -> None:
@@ -130,8 +130,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug(format % args)
 
-    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_error(self, format: str, *args: Any) -> None:
         log.debug(format % args)

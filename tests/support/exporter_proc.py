@@ -63,7 +63,9 @@ class Exporter:
             conn.sock = sock
         return conn
 
-    def get(self, path: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    def get(
+        self, path: str, headers: dict[str, str] | None = None, timeout: float = 5.0
+    ) -> tuple[int, dict[str, str], bytes]:
         conn = self.connect(timeout)
         try:
             conn.request("GET", path, headers=headers or {})

@@ -7,6 +7,7 @@ Namespaces are named with a per-process prefix so parallel runs and the lab neve
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -56,17 +57,15 @@ class Netns:
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         return subprocess.Popen(self.cmd(argv), **kw)
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:  # noqa: A002
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
         return socket_in(self.name, family, type, proto)
 
     def delete(self) -> None:
         run(["ip", "netns", "pids", self.name], check=False)
         pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
-                pass
         run(["ip", "netns", "del", self.name], check=False)
 
     def __enter__(self) -> Netns:
@@ -104,7 +103,7 @@ def in_netns(name: str, fn: Any, *args: Any) -> Any:
     return result["value"]
 
 
-def socket_in(name: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:  # noqa: A002
+def socket_in(name: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
     return in_netns(name, socket.socket, family, type, proto)
 
 
