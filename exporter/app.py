@@ -8,15 +8,17 @@ import platform
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 from prometheus_client import ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import __version__, logs
+from exporter import __version__, logs, webconfig
 from exporter.collectors.base import Collector, CollectorError, ScrapeWrapper, Service
 from exporter.features import AppContext, all_features
+from exporter.notrack import Notrack, NotrackError
 from exporter.server import ExporterHTTPServer
 
 log = logs.get("main")
@@ -56,14 +58,43 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
         return 2
     registry = build_registry(collectors)
+    web_config = None
+    if args.web_config_file:
+        try:
+            web_config = webconfig.load(args.web_config_file)
+        except webconfig.WebConfigError as e:
+            sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
+            return 2
     host, port = args.web_listen_address
     try:
         server = ExporterHTTPServer(host, port, registry, keepalive=args.web_keepalive,
-                                    idle_timeout=args.web_idle_timeout)
+                                    idle_timeout=args.web_idle_timeout, read_timeout=args.web_read_timeout,
+                                    max_connections=args.web_max_connections, web_config=web_config)
     except OSError as e:
         sys.stderr.write(f"conntrack-dns-exporter: error: cannot listen on {host}:{port}: {e.strerror}\n")
         return 2
+    registry.register(server)
+    exempt: Notrack | None = None
+    if args.web_notrack:
+        exempt = Notrack(server.port)
+        try:
+            exempt.install()
+        except NotrackError as e:
+            # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
+            # than run without it and be unreachable exactly when the table fills.
+            server.server_close()
+            sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
+            return 2
+        registry.register(exempt)
+        services.append(exempt)
+    try:
+        return _serve(server, services, collectors, host)
+    finally:
+        if exempt is not None:
+            exempt.remove()
 
+
+def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list[Collector], host: str) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -75,19 +106,43 @@ def run(args: argparse.Namespace) -> int:
 
     for svc in services:
         svc.start()
-    web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="web", daemon=True)
+    web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="web", daemon=True)
     web.start()
     server.ready.set()
     log.info("listening", extra={"kv": {"address": f"{host}:{server.port}", "version": __version__,
                                         "collectors": ",".join(c.name for c in collectors)}})
-    while not stop.wait(1.0):
+    while not stop.wait(0.2):
         pass
+    # Everything below must finish well within 2 s (DaemonSet rollouts; terminationGracePeriodSeconds).
     server.shutdown()
     server.server_close()
-    for svc in reversed(services):
-        try:
-            svc.stop(timeout=1.0)
-        except Exception:
-            log.exception("stopping %s failed", svc.name)
+    stop_services(services, SERVICE_STOP_BUDGET)
     log.info("stopped")
     return 0
+
+
+SERVICE_STOP_BUDGET = 1.0
+
+
+def stop_services(services: list[Service], budget: float) -> None:
+    """Stop every service concurrently (newest first), waiting at most `budget` seconds in total.
+
+    A service still busy after that is left behind: its threads are daemons and the process exits.
+    """
+    deadline = time.monotonic() + budget
+
+    def stop_one(svc: Service) -> None:
+        try:
+            svc.stop(timeout=budget)
+        except Exception:
+            log.exception("stopping %s failed", svc.name)
+
+    threads = [threading.Thread(target=stop_one, args=(svc,), name=f"stop-{svc.name}", daemon=True)
+               for svc in reversed(services)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    late = [t.name.removeprefix("stop-") for t in threads if t.is_alive()]
+    if late:
+        log.warning("services still stopping after %.1fs, exiting anyway: %s", budget, ",".join(late))

@@ -10,7 +10,7 @@ import sys
 from typing import NoReturn
 
 from exporter import __version__, logs
-from exporter.config import add_flag, parse_duration, parse_hostport
+from exporter.config import add_flag, parse_duration, parse_hostport, positive_int
 from exporter.features import all_features
 
 DEFAULT_PORT = 19153
@@ -37,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--web.keepalive", default=True, action="bool",
              help="HTTP/1.1 keep-alive, so a scrape connection survives a full conntrack table.")
     add_flag(g, "--web.idle-timeout", default=300.0, type=parse_duration,
-             help="Close a client connection idle for this long.")
+             help="Close a keep-alive connection idle for this long (keep it above the scrape interval).")
+    add_flag(g, "--web.read-timeout", default=10.0, type=parse_duration,
+             help="Close a new connection that has not sent a request (or finished a TLS handshake) by then.")
+    add_flag(g, "--web.max-connections", default=64, type=positive_int,
+             help="Open connections (one thread each) above which new ones are closed at once.")
+    add_flag(g, "--web.config.file", default="", metavar="FILE",
+             help="Prometheus exporter-toolkit web config (TLS, basic auth); /, /-/healthy, /-/ready stay open.")
+    add_flag(g, "--web.notrack", default=False, action="bool",
+             help="Exempt the listen port from conntrack with an nftables NOTRACK table (needs nft, CAP_NET_ADMIN).")
     g = p.add_argument_group("logging")
     add_flag(g, "--log.level", default="info", choices=logs.LEVELS, help="Log level.")
     add_flag(g, "--log.format", default="logfmt", choices=logs.FORMATS, help="Log format.")

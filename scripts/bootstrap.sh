@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(conntrack nftables iproute2 dnsmasq-base unbound prometheus prometheus-alertmanager
-              prometheus-node-exporter dnsutils libcap2-bin procps util-linux)
+              prometheus-node-exporter dnsutils libcap2-bin procps util-linux openssl)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
