@@ -64,6 +64,11 @@ class TargetRegistry:
         with self._lock:
             return self._by_origin.get(origin, ())
 
+    def origins(self) -> tuple[str, ...]:
+        """Names of the origins that currently provide at least one target."""
+        with self._lock:
+            return tuple(sorted(o for o, ts in self._by_origin.items() if ts))
+
     @property
     def version(self) -> int:
         with self._lock:
