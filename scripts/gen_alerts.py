@@ -226,6 +226,10 @@ def outputs(job: str = DEFAULT_JOB, runbook_base_url: str = RUNBOOK_BASE_URL) ->
     return {RULES_FILE: rule_file_text(groups), PROMETHEUS_RULE_FILE: prometheus_rule_text(groups)}
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--job", default=DEFAULT_JOB, help="value of the job label the rules select")
@@ -238,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         if current == text:
             continue
         if a.check:
-            stale.append(str(path.relative_to(ROOT)))
+            stale.append(_shown(path))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
+            print(f"wrote {_shown(path)}")
     if stale:
         print(f"stale generated rules: {', '.join(stale)}; run python scripts/gen_alerts.py", file=sys.stderr)
         return 1
