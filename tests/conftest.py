@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.lab import Lab, missing_binaries
 from tests.support.netns import Netns, skip_reason
+
+# The DNS probes are on by default and, with nothing else configured, probe the nameservers of
+# /etc/resolv.conf: outside any namespace a test creates. Every exporter a test starts (in-process or as
+# a subprocess, which inherits this environment) therefore has them off unless the test turns them on
+# with --collector.dns and names its own targets.
+os.environ.setdefault("CONNTRACK_DNS_EXPORTER_COLLECTOR_DNS", "false")
 
 
 @pytest.fixture
