@@ -36,7 +36,8 @@ class DnsProbeCollector:
 
     def collect(self) -> Iterator[Metric]:
         stats, present, search = self._store.snapshot()
-        live = {(t.server, t.kind) for t in self._targets.snapshot()}
+        # (server, kind) -> backing pod name (Kubernetes endpoints; "" for other kinds)
+        live = {(t.server, t.kind): t.pod for t in self._targets.snapshot()}
 
         duration = HistogramMetricFamily(
             "dns_probe_duration_seconds",
@@ -58,7 +59,8 @@ class DnsProbeCollector:
             "other was not (the conntrack race's fingerprint).",
             labels=[*LABELS, "lost_qtype"])
         info = GaugeMetricFamily(
-            "dns_probe_target_info", "Always 1 for every DNS server currently probed.", labels=LABELS)
+            "dns_probe_target_info", "Always 1 for every DNS server currently probed; pod names a Kubernetes "
+            "endpoint's pod.", labels=[*LABELS, "pod"])
         nodelocal = GaugeMetricFamily(
             "dns_probe_nodelocal_present",
             "1 if the configured NodeLocal DNSCache address answers (and is probed), 0 if not.",
@@ -70,7 +72,7 @@ class DnsProbeCollector:
             server, kind = key
             if kind == "nodelocal" and not present.get(server, False):
                 continue
-            info.add_metric([server, kind], 1.0)
+            info.add_metric([server, kind, live[key]], 1.0)
             st = stats.get(key)
             if st is None:
                 continue
