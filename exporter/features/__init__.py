@@ -28,6 +28,6 @@ class Built:
 
 def all_features() -> list[ModuleType]:
     """Feature modules in start order (Kubernetes discovery before the probes that use its targets)."""
-    from exporter.features import conntrack
+    from exporter.features import conntrack, kubernetes, probes, table
 
-    return [conntrack]
+    return [conntrack, kubernetes, probes, table]
