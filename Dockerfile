@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1.7
+# conntrack-dns-exporter image. Two stages: `build` turns the source into wheels (the project's and every
+# dependency's); the final stage installs them from that wheelhouse without network access and without any
+# compiler. It runs as a non-root user; CAP_NET_ADMIN (netlink conntrack statistics, the NOTRACK table)
+# reaches that user through file capabilities on the two binaries that need it. docs/deploy.md explains why
+# (a non-root process does not get `capabilities.add` from Kubernetes) and what the DaemonSet must allow.
+
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+RUN python -m pip install build==1.2.2.post1
+COPY pyproject.toml README.md ./
+COPY exporter ./exporter
+RUN python -m build --wheel --outdir /dist . \
+ && python -m pip wheel --wheel-dir /wheels /dist/*.whl
+
+FROM ${PYTHON_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="conntrack-dns-exporter" \
+      org.opencontainers.image.description="Prometheus exporter for the node's conntrack table and DNS path (the Kubernetes 5-second DNS problem)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/conntrack-dns-exporter/conntrack-dns-exporter" \
+      org.opencontainers.image.documentation="https://github.com/conntrack-dns-exporter/conntrack-dns-exporter/blob/main/docs/deploy.md" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.11-slim-bookworm"
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+
+# nftables: `nft` for --web.notrack. libcap2-bin only for setcap, removed in the same layer.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables libcap2-bin \
+ && rm -rf /var/lib/apt/lists/*
+
+# --copies: the venv gets its own interpreter file, so the capability is attached to that file only and not
+# to /usr/local/bin/python3.11. Setuid/setgid bits are stripped from the whole image: the container needs
+# allowPrivilegeEscalation (file capabilities do not work under no_new_privs) and must offer no other way up.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m venv --copies /opt/venv \
+ && /opt/venv/bin/python -m pip install --no-index --find-links=/wheels conntrack-dns-exporter \
+ && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
+ && setcap cap_net_admin+ep /opt/venv/bin/python \
+ && setcap cap_net_admin+ep /usr/sbin/nft \
+ && apt-get purge -y --auto-remove libcap2-bin \
+ && find / -xdev -type f -perm /6000 -exec chmod a-s {} + \
+ && useradd --system --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin exporter
+
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 65532:65532
+EXPOSE 19153
+ENTRYPOINT ["/opt/venv/bin/python", "-m", "exporter"]
