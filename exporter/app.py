@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     registry.register(server)
     exempt: Notrack | None = None
     if args.web_notrack:
-        exempt = Notrack(server.port)
+        exempt = Notrack(server.port, check_interval=args.web_notrack_check_interval)
         try:
             exempt.install()
         except NotrackError as e:

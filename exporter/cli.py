@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="Prometheus exporter-toolkit web config (TLS, basic auth); /, /-/healthy, /-/ready stay open.")
     add_flag(g, "--web.notrack", default=False, action="bool",
              help="Exempt the listen port from conntrack with an nftables NOTRACK table (needs nft, CAP_NET_ADMIN).")
+    add_flag(g, "--web.notrack.check-interval", default=30.0, type=parse_duration,
+             help="How often to check that the NOTRACK table is still installed (reinstalled if flushed).")
     g = p.add_argument_group("logging")
     add_flag(g, "--log.level", default="info", choices=logs.LEVELS, help="Log level.")
     add_flag(g, "--log.format", default="logfmt", choices=logs.FORMATS, help="Log format.")
