@@ -127,7 +127,8 @@ add rule ip kube-lab svc-kube-dns dnat to {dnat_map(endpoints)}
 
 
 def loss_ruleset(percent: int) -> str:
-    drop = f"meta l4proto udp th dport 53 numgen random mod 100 < {percent} drop"
+    match = "meta l4proto udp th dport 53"
+    drop = f"{match} drop" if percent >= 100 else f"{match} numgen random mod 100 < {percent} drop" if percent else ""
     return f"""
 table ip lab-loss
 delete table ip lab-loss
