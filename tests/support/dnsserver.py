@@ -25,6 +25,7 @@ from typing import Any
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -44,6 +45,7 @@ class Behaviour:
     only: str | None = None          # "A" or "AAAA": answer this type only, ignore the other
     silent: bool = False             # never answer (UDP and TCP)
     ignore_first: int = 0            # ignore the first N copies of each UDP query (answer retransmissions)
+    ignore_qtype: str | None = None  # ... of this query type only
     truncate: bool = False           # UDP answers carry TC and no records; TCP answers normally
     tcp: bool = True                 # serve TCP; False closes the listener (connection refused)
     wrong_id: bool = False           # before the real answer, send one with another id
@@ -53,6 +55,7 @@ class Behaviour:
     extra: ReplyHook | None = None   # raw payloads sent (from the server port) before the real answer
     suppress_answer: bool = False    # send only what `extra` returns, no real answer
     delay: float = 0.0               # seconds before answering
+    names: tuple[str, ...] | None = None  # only these names exist (NXDOMAIN for others); None: every name
     tcp_delay: float = 0.0           # seconds before answering over TCP
 
 
@@ -198,7 +201,9 @@ class DnsServer:
         with self._lock:
             self.queries.append(QueryLog("udp", src, q.id, qtype, time.monotonic()))
             n = self._seen[(q.id, qtype)] = self._seen.get((q.id, qtype), 0) + 1
-        if b.silent or (b.only is not None and qtype != b.only) or n <= b.ignore_first:
+        if b.silent or (b.only is not None and qtype != b.only):
+            return
+        if n <= b.ignore_first and (b.ignore_qtype is None or b.ignore_qtype == qtype):
             return
         payloads: list[tuple[bytes, str]] = []  # (wire, from: "server" | "port" | "address")
         answer = self._answer(q, truncate=b.truncate)
@@ -230,12 +235,18 @@ class DnsServer:
                     s.sendto(data, dst)
 
     def _answer(self, q: dns.message.Message, truncate: bool) -> dns.message.Message:
+        b = self.behaviour
         r = dns.message.make_response(q)
-        r.set_rcode(self.behaviour.rcode)
+        r.set_rcode(b.rcode)
+        if b.names is not None and q.question and b.rcode == dns.rcode.NOERROR:
+            known = {dns.name.from_text(n) for n in b.names}
+            if q.question[0].name not in known:
+                r.set_rcode(dns.rcode.NXDOMAIN)
+                return r
         if truncate:
             r.flags |= dns.flags.TC
             return r
-        if self.behaviour.rcode == dns.rcode.NOERROR and q.question:
+        if r.rcode() == dns.rcode.NOERROR and q.question:
             qq = q.question[0]
             if qq.rdtype == dns.rdatatype.A:
                 r.answer.append(dns.rrset.from_text(qq.name, 30, "IN", "A", A_ANSWER))

@@ -1,0 +1,257 @@
+"""The probe loop (`ProbeService`) and the `dns` collector together, against in-process DNS servers:
+targets coming and going, the resolv.conf fallback, NodeLocal presence, the search-path walk, the
+cardinality budget, and the real exporter process serving the probe metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.collectors.dns import DnsProbeCollector
+from exporter.probes import resolvconf
+from exporter.probes.scheduler import ProbeConfig, ProbeService
+from exporter.probes.store import ProbeStore
+from exporter.probes.targets import Target, TargetRegistry
+from tests.support.dnsserver import Behaviour, DnsServer
+from tests.support.exporter_proc import Exporter, value
+
+FAST = {"timeout": 0.2, "attempts": 2, "interval": 0.15}
+
+
+class Loop:
+    def __init__(self, tmp_path: Path, **config: object) -> None:
+        self.targets = TargetRegistry()
+        self.store = ProbeStore()
+        conf = {**FAST, "resolv_conf": str(tmp_path / "resolv.conf"), **config}
+        self.service = ProbeService(ProbeConfig(**conf), self.targets, self.store)  # type: ignore[arg-type]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DnsProbeCollector(self.store, self.targets))  # type: ignore[arg-type]
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        out = {}
+        for fam in self.registry.collect():
+            for s in fam.samples:
+                if s.name == name:
+                    out[tuple(sorted(s.labels.items()))] = s.value
+        return out
+
+    def get(self, metric: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(metric, labels)
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Iterator[Loop]:
+    lp = Loop(tmp_path)
+    yield lp
+    lp.service.stop(2.0)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[DnsServer]]:
+    with DnsServer() as a, DnsServer() as b:
+        yield [a, b]
+
+
+def requests(lp: Loop, server: str, kind: str = "static") -> float:
+    return lp.get("dns_probe_requests_total", server=server, kind=kind, mode="parallel", qtype="A") or 0.0
+
+
+def test_scrape_does_not_wait_for_a_slow_probe(loop: Loop, servers: list[DnsServer]) -> None:
+    servers[0].set(silent=True)
+    loop.targets.set("static", [Target(servers[0].host, servers[0].port, "static")])
+    loop.service.start()
+    time.sleep(0.1)
+    start = time.perf_counter()
+    loop.registry.get_sample_value("dns_probe_target_info", {})
+    assert time.perf_counter() - start < 0.05
+
+
+def test_removed_target_disappears_from_the_next_scrape(loop: Loop, servers: list[DnsServer]) -> None:
+    a, b = (Target(s.host, s.port, "endpoint", pod=f"dns-{i}") for i, s in enumerate(servers))
+    loop.targets.set("kubernetes", [a, b])
+    loop.service.start()
+    wait_for(lambda: requests(loop, a.server, "endpoint") >= 2 and requests(loop, b.server, "endpoint") >= 2)
+    loop.targets.set("kubernetes", [a])  # a rollout replaced endpoint b
+    assert all(("server", b.server) not in labels for name in ("dns_probe_requests_total", "dns_probe_target_info",
+                                                                "dns_probe_duration_seconds_count")
+               for labels in loop.samples(name))
+    assert requests(loop, a.server, "endpoint") >= 2
+    # ... and the probe loop stops probing it within one interval.
+    wait_for(lambda: loop.store.snapshot()[0].keys() == {(a.server, "endpoint")})
+    n = len(servers[1].logged())
+    time.sleep(3 * FAST["interval"])
+    assert len(servers[1].logged()) == n
+
+
+def test_added_target_is_probed_within_one_interval(loop: Loop, servers: list[DnsServer]) -> None:
+    a, b = (Target(s.host, s.port, "static") for s in servers)
+    loop.targets.set("static", [a])
+    loop.service.start()
+    wait_for(lambda: requests(loop, a.server) >= 1)
+    t0 = time.monotonic()
+    loop.targets.set("static", [a, b])
+    wait_for(lambda: requests(loop, b.server) >= 1)
+    assert time.monotonic() - t0 < 2 * FAST["interval"] + 0.3
+
+
+def test_concurrency_bound_is_respected(tmp_path: Path) -> None:
+    with DnsServer(Behaviour(delay=0.1)) as s:
+        lp = Loop(tmp_path, concurrency=2, modes=("parallel", "tcp", "sequential"), interval=5.0, jitter=0.0)
+        lp.targets.set("static", [Target(s.host, s.port, "static")])
+        lp.service.start()
+        try:
+            wait_for(lambda: len(s.logged()) >= 6)
+            time.sleep(0.15)
+        finally:
+            lp.service.stop(2.0)
+        first = sorted(q.at for q in s.logged())
+        # Three modes, two lookups at a time: the third mode starts only after a 100 ms answer.
+        assert first[-1] - first[0] >= 0.09
+
+
+def test_resolv_conf_is_the_fallback_only_while_nothing_else_is_configured(loop: Loop,
+                                                                            servers: list[DnsServer],
+                                                                            tmp_path: Path) -> None:
+    (tmp_path / "resolv.conf").write_text("search default.svc.cluster.local\nnameserver 127.0.0.1\n"
+                                          "options ndots:5\n")
+    loop.service.start()
+    wait_for(lambda: loop.get("dns_probe_target_info", server="127.0.0.1:53", kind="resolvconf", pod="") == 1)
+    # The Kubernetes feature starts providing targets: resolv.conf's nameserver is dropped.
+    k = Target(servers[0].host, servers[0].port, "service")
+    loop.targets.set("kubernetes", [k])
+    wait_for(lambda: loop.get("dns_probe_target_info", server="127.0.0.1:53", kind="resolvconf", pod="") is None)
+    wait_for(lambda: requests(loop, k.server, "service") >= 1)
+    # ... and comes back when they are gone.
+    loop.targets.set("kubernetes", [])
+    wait_for(lambda: loop.get("dns_probe_target_info", server="127.0.0.1:53", kind="resolvconf", pod="") == 1)
+
+
+def test_missing_resolv_conf_means_no_targets_not_a_crash(loop: Loop) -> None:
+    loop.service.start()
+    wait_for(lambda: loop.service.rounds >= 2)
+    assert loop.samples("dns_probe_target_info") == {}
+    assert loop.service._thread is not None and loop.service._thread.is_alive()
+
+
+def test_nodelocal_is_probed_only_while_it_answers(loop: Loop, servers: list[DnsServer]) -> None:
+    s = servers[0]
+    t = Target(s.host, s.port, "nodelocal")
+    loop.targets.set("nodelocal", [t])
+    loop.service.start()
+    wait_for(lambda: loop.get("dns_probe_nodelocal_present", server=t.server) == 1)
+    wait_for(lambda: requests(loop, t.server, "nodelocal") >= 1)
+    assert loop.get("dns_probe_target_info", server=t.server, kind="nodelocal", pod="") == 1
+    s.set(silent=True)  # NodeLocal DNSCache removed from the node
+    wait_for(lambda: loop.get("dns_probe_nodelocal_present", server=t.server) == 0, timeout=10)
+    assert loop.get("dns_probe_target_info", server=t.server, kind="nodelocal", pod="") is None
+    assert loop.get("dns_probe_failures_total", server=t.server, kind="nodelocal", mode="parallel", qtype="A",
+                    reason="timeout") in (None, 0.0, 1.0), "an absent cache is not a stream of failures"
+
+
+def test_search_walk_counts_the_ndots_amplification(tmp_path: Path) -> None:
+    # A pod's resolv.conf: ndots:5 and three search domains. `api.example.com` has two dots, so glibc
+    # tries every search domain first (NXDOMAIN each) and the name as is last: 4 names, 8 queries.
+    with DnsServer(Behaviour(names=("api.example.com.",))) as s:
+        (tmp_path / "resolv.conf").write_text(
+            "nameserver 127.0.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\n"
+            "options ndots:5\n")
+        lp = Loop(tmp_path, search_names=("api.example.com", "api.example.com."), search_port=s.port,
+                  interval=5.0)
+        lp.service.start()
+        try:
+            wait_for(lambda: len(lp.samples("dns_probe_search_queries")) == 2)
+        finally:
+            lp.service.stop(2.0)
+        assert lp.get("dns_probe_search_queries", name="api.example.com") == 8
+        assert lp.get("dns_probe_search_queries", name="api.example.com.") == 2
+        assert 0 < (lp.get("dns_probe_search_duration_seconds", name="api.example.com") or 0) < 1
+        asked = [q.qtype for q in s.logged()]
+        assert asked.count("A") == asked.count("AAAA") == 5
+
+
+def test_cardinality_budget_with_five_failing_targets(tmp_path: Path) -> None:
+    """Defaults (parallel,tcp; one name), 5 targets, every query timing out: at most 250 series."""
+    with DnsServer(Behaviour(silent=True)) as s:
+        lp = Loop(tmp_path, timeout=0.05, attempts=1, interval=0.1, jitter=0.0)
+        lp.targets.set("static", [Target(s.host, s.port + i, "static") for i in range(5)])
+        lp.service.start()
+        try:
+            wait_for(lambda: len(lp.samples("dns_probe_failures_total")) >= 5 * 4)
+        finally:
+            lp.service.stop(2.0)
+    total = sum(len(fam.samples) for fam in lp.registry.collect())
+    assert total <= 250, total
+
+
+# The real exporter process ----------------------------------------------------------------------------
+
+def test_exporter_process_serves_probe_metrics_and_stops_promptly(tmp_path: Path) -> None:
+    with DnsServer(Behaviour(only="A")) as s:
+        exp = Exporter(["--collector.dns", "--no-collector.conntrack", f"--probe.server={s.address}",
+                        "--probe.modes=parallel,sequential,tcp", "--probe.timeout=0.2s", "--probe.interval=0.3s",
+                        f"--probe.resolv-conf={tmp_path / 'none'}"])
+        with exp:
+            deadline = time.monotonic() + 5
+            samples = exp.scrape()
+            while time.monotonic() < deadline and not value(samples, "dns_probe_partial_pairs_total",
+                                                            server=s.address, kind="static", lost_qtype="AAAA"):
+                time.sleep(0.2)
+                samples = exp.scrape()
+            assert (value(samples, "dns_probe_partial_pairs_total", server=s.address, kind="static",
+                          lost_qtype="AAAA") or 0) >= 1
+            assert (value(samples, "dns_probe_failures_total", server=s.address, kind="static", mode="tcp",
+                          qtype="AAAA", reason="timeout") or 0) >= 1
+            assert value(samples, "conntrack_dns_exporter_collector_success", collector="dns") == 1
+            t0 = time.monotonic()
+            assert exp.stop() == 0
+            assert time.monotonic() - t0 < 2.5, "SIGTERM must not wait for probes in flight"
+
+
+def walk(name: str, conf: resolvconf.ResolvConf, answers: dict[str, str]) -> list[str]:
+    async def ask(candidate: str) -> str:
+        return answers.get(candidate, "nxdomain")
+
+    return asyncio.run(resolvconf.search(name, conf, ask)).names
+
+
+def test_search_walk_order_matches_glibc_res_search() -> None:
+    conf = resolvconf.ResolvConf(search=["a.svc.", "svc"], ndots=2)
+    # Fewer dots than ndots: search list first, as-is last.
+    assert walk("web", conf, {}) == ["web.a.svc.", "web.svc.", "web."]
+    # Enough dots: as-is first; found there, nothing else.
+    assert walk("x.y.z", conf, {"x.y.z.": "ok"}) == ["x.y.z."]
+    # Enough dots but not found: then the search list, and no second as-is.
+    assert walk("x.y.z", conf, {}) == ["x.y.z.", "x.y.z.a.svc.", "x.y.z.svc."]
+    # Trailing dot: as is only.
+    assert walk("web.", conf, {}) == ["web."]
+    # SERVFAIL and NODATA move on; a timeout ends the search list but glibc still tries as is.
+    assert walk("web", conf, {"web.a.svc.": "servfail", "web.svc.": "ok"}) == ["web.a.svc.", "web.svc."]
+    assert walk("web", conf, {"web.a.svc.": "error"}) == ["web.a.svc.", "web."]
+    # The root in the search list replaces the final as-is query.
+    assert walk("web", resolvconf.ResolvConf(search=["."], ndots=1), {}) == ["web."]
+
+
+def test_resolvconf_parse_follows_glibc() -> None:
+    rc = resolvconf.parse("# comment\ndomain a.example\nsearch b.example c.example\nnameserver 10.0.0.1\n"
+                          "nameserver fe80::1%eth0\nnameserver bogus\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n"
+                          "options ndots:5 timeout:1 attempts:3 single-request-reopen\n")
+    assert rc.nameservers == ["10.0.0.1", "fe80::1", "10.0.0.2"]  # at most three, bad ones skipped
+    assert rc.search == ["b.example", "c.example"]  # the last of domain/search wins
+    assert (rc.ndots, rc.timeout, rc.attempts, rc.mode) == (5, 1.0, 3, "sequential")
+    assert resolvconf.parse("options use-vc\n").mode == "tcp"
+    assert resolvconf.parse("").mode == "parallel"
