@@ -1,0 +1,269 @@
+"""The table breakdown on recorded kernel dumps (no root needed).
+
+`tests/fixtures/table-mixed.json` holds the raw netlink datagrams of one dump of a namespace with real
+TCP/UDP/ICMP flows, and `conntrack -L -o extended` taken at the same moment: every count the parser
+derives must equal what the C tool listed. `table-truncated.json` / `table-garbled.json` are the same
+dump cut or corrupted on purpose (their descriptions say how).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.collectors.base import ScrapeWrapper
+from exporter.collectors.table import TableCollector, TableScanService
+from exporter.probes.targets import Target, TargetRegistry
+from exporter.sources import ctdump
+from exporter.sources.ctdump import DumpParser, ReplaySocket, Scanner, ip_key
+from exporter.sources.netlink import NLMSGHDR
+from exporter.sources.podindex import PodIndex
+from tests.integration.test_table_scan import reference
+from tests.support.exporter_proc import Exporter, value
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return data
+
+
+def datagrams(name: str) -> list[bytes]:
+    return [bytes.fromhex(h) for h in load(name)["datagrams"]]
+
+
+def replay(dgrams: list[bytes], **kw: Any) -> Scanner:
+    return Scanner(lambda: ReplaySocket(dgrams), pace=0, **kw)
+
+
+def registry_for(service: TableScanService) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ScrapeWrapper([TableCollector(service)]))
+    return reg
+
+
+def test_recorded_dump_matches_conntrack_list() -> None:
+    data = load("table-mixed.json")
+    result = replay(datagrams("table-mixed.json")).scan()
+    ref = reference(data["conntrack_list"])
+    assert not result.partial
+    assert result.agg.entries == ref["entries"] == data["entries"]
+    assert result.agg.named_states() == ref["states"]
+    assert result.agg.dns_by_transport() == ref["dns"]
+    assert len(ref["states"]) >= 8  # tcp in 5 states, udp in 3, icmp, icmpv6
+
+
+def test_walk_and_fast_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixed-offset fast path must give exactly what the attribute walk gives."""
+    dgrams = datagrams("table-mixed.json")
+    servers = [ip_key("127.0.0.1")]
+    fast = DumpParser([ip_key("127.0.0.1"), ip_key("::1")], servers)  # type: ignore[list-item]
+    for d in dgrams:
+        fast.feed(d)
+    monkeypatch.setattr(ctdump, "_ORIG4", -1)  # no message matches the fast layout any more
+    monkeypatch.setattr(ctdump, "_ORIG6", -1)
+    monkeypatch.setattr(ctdump, "_TCP_HDR", -1)
+    slow = DumpParser([ip_key("127.0.0.1"), ip_key("::1")], servers)  # type: ignore[list-item]
+    for d in dgrams:
+        slow.feed(d)
+    assert fast.done and slow.done
+    assert fast.agg == slow.agg
+    assert fast.agg.sources[ip_key("127.0.0.1")] > 10  # type: ignore[index]
+    # the one DNS query over IPv6 is answered by ::1, not by the only server given
+    ref = reference(load("table-mixed.json")["conntrack_list"], servers={"127.0.0.1"})
+    assert fast.agg.stale_dns == ref["stale"] == 1
+    assert slow.agg.entries == load("table-mixed.json")["entries"]
+
+
+def test_stale_dns_follows_the_targets() -> None:
+    data = load("table-mixed.json")
+    dgrams = datagrams("table-mixed.json")
+    for servers in (["127.0.0.1"], ["::1"], ["10.0.0.1"], ["127.0.0.1", "::1"]):
+        agg = replay(dgrams).scan(dns_servers=[ip_key(s) for s in servers]).agg  # type: ignore[misc]
+        assert agg.stale_dns == reference(data["conntrack_list"], servers=set(servers))["stale"], servers
+    assert replay(dgrams).scan().stale_checked is False
+
+
+@pytest.mark.parametrize("name", ["table-truncated.json", "table-garbled.json"])
+def test_cut_or_garbled_dump_is_a_partial_scan_and_one_log_line(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    data = load(name)
+    assert "ON PURPOSE" in data["description"]
+    svc = TableScanService(replay(datagrams(name)))
+    with caplog.at_level(logging.DEBUG, logger="exporter"):
+        first = svc.scan_once()
+        second = svc.scan_once()
+    assert first is not None and second is not None
+    assert first.partial and first.reason == "parse"
+    assert first.entries == data["complete_messages"]  # what came before the damage is kept
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # not one per scan
+    assert "partial table scan" in warnings[0].getMessage()
+    reg = registry_for(svc)
+    assert reg.get_sample_value("conntrack_table_scan_partial") == 1
+    assert reg.get_sample_value("conntrack_table_scan_entries") == data["complete_messages"]
+    assert reg.get_sample_value("conntrack_dns_exporter_collector_success", {"collector": "table"}) == 1
+
+
+def test_scan_recovers_after_a_partial_one(caplog: pytest.LogCaptureFixture) -> None:
+    feeds = [datagrams("table-garbled.json"), datagrams("table-mixed.json")]
+    svc = TableScanService(Scanner(lambda: ReplaySocket(feeds.pop(0) if len(feeds) > 1 else feeds[0]), pace=0))
+    with caplog.at_level(logging.INFO, logger="exporter"):
+        assert svc.scan_once().partial  # type: ignore[union-attr]
+        assert not svc.scan_once().partial  # type: ignore[union-attr]
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
+
+
+class FlakySocket(ReplaySocket):
+    """The recorded dump, but recv fails with `err` after `after` datagrams, `times` times in all."""
+
+    failures = 0
+
+    def __init__(self, dgrams: list[bytes], err: int, after: int, times: int) -> None:
+        super().__init__(dgrams)
+        self.err, self.after, self.times = err, after, times
+
+    def recv_into(self, buffer: bytearray, /) -> int:
+        if self._next == self.after and FlakySocket.failures < self.times:
+            FlakySocket.failures += 1
+            raise OSError(self.err, "injected")
+        return super().recv_into(buffer)
+
+
+@pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EINTR])
+def test_interrupted_dump_is_restarted_once(err: int) -> None:
+    dgrams = datagrams("table-mixed.json")
+    FlakySocket.failures = 0
+    result = Scanner(lambda: FlakySocket(dgrams, err, 1, 1), pace=0).scan()
+    assert not result.partial and result.restarts == 1
+    assert result.agg.entries == load("table-mixed.json")["entries"]  # counted once, not twice
+    FlakySocket.failures = 0
+    result = Scanner(lambda: FlakySocket(dgrams, err, 1, 2), pace=0).scan()
+    assert result.partial and result.reason == "interrupted" and result.restarts == 1
+
+
+def error_reply(err: int) -> bytes:
+    payload = struct.pack("=i", -err) + NLMSGHDR.pack(20, 0x101, 0x301, 1, 0)
+    return NLMSGHDR.pack(16 + len(payload), 2, 0, 1, 0) + payload
+
+
+def test_permission_error_fails_the_collector_not_the_scrape() -> None:
+    svc = TableScanService(replay([error_reply(errno.EPERM)]))
+    snap = svc.scan_once()
+    assert snap is not None and snap.partial and snap.reason == "permission"
+    reg = registry_for(svc)
+    assert reg.get_sample_value("conntrack_dns_exporter_collector_success", {"collector": "table"}) == 0
+    assert reg.get_sample_value("conntrack_dns_exporter_collector_errors_total",
+                                {"collector": "table", "reason": "permission"}) >= 1  # type: ignore[operator]
+    assert reg.get_sample_value("conntrack_table_scan_partial") == 1
+    assert reg.get_sample_value("conntrack_table_entries", {"protocol": "tcp", "state": "established"}) is None
+
+
+def test_metrics_from_the_last_scan() -> None:
+    data = load("table-mixed.json")
+    pod_map = {"127.0.0.1": ("default", "web-0"), "::1": ("default", "web-0"), "198.18.0.1": ("shop", "cart"),
+               "198.18.0.2": ("shop", "cart"), "198.18.0.3": ("dns", "coredns"), "10.9.9.9": ("idle", "none")}
+    ref = reference(data["conntrack_list"], servers={"127.0.0.1"}, pods=pod_map)
+    pods = PodIndex()
+    pods.replace([(ip, ns, pod) for ip, (ns, pod) in pod_map.items()])
+    targets = TargetRegistry()
+    targets.set("static", [Target("127.0.0.1")])
+    svc = TableScanService(replay(datagrams("table-mixed.json")), top_n=2, targets=targets, pods=pods)
+    reg = registry_for(svc)
+    assert reg.get_sample_value("conntrack_table_scan_entries") is None  # nothing before the first scan
+    svc.scan_once()
+    for (proto, state), n in ref["states"].items():
+        assert reg.get_sample_value("conntrack_table_entries", {"protocol": proto, "state": state}) == n
+    assert reg.get_sample_value("conntrack_table_entries", {"protocol": "tcp", "state": "last_ack"}) == 0
+    for transport, n in ref["dns"].items():
+        assert reg.get_sample_value("conntrack_table_dns_entries", {"transport": transport}) == n
+    assert reg.get_sample_value("conntrack_table_stale_dns_entries") == ref["stale"] > 0  # the ::1 DNS entry
+    # top 2 pods by entries, then the unknown sources, then the rest of the pods as "other"
+    ranked = sorted(((n, p) for p, n in ref["sources"].items() if p != ("", "")), reverse=True)
+    assert [p for _, p in ranked] == [("shop", "cart"), ("default", "web-0"), ("dns", "coredns")]
+    expected = {p: n for n, p in ranked[:2]}
+    expected[("", "")] = ref["sources"][("", "")]
+    expected[("", "other")] = sum(n for n, _ in ranked[2:])
+    fam = next(m for m in reg.collect() if m.name == "conntrack_table_top_sources")
+    got = {(s.labels["namespace"], s.labels["pod"]): s.value for s in fam.samples}
+    assert got == expected
+    assert sum(got.values()) == data["entries"]
+    assert reg.get_sample_value("conntrack_table_scan_partial") == 0
+    assert reg.get_sample_value("conntrack_table_scan_entries") == data["entries"]
+    assert reg.get_sample_value("conntrack_table_last_scan_timestamp_seconds") > 1.7e9  # type: ignore[operator]
+
+
+def test_service_thread_scans_and_stops() -> None:
+    svc = TableScanService(replay(datagrams("table-mixed.json")), interval=0.01)
+    seen: list[Any] = []
+    svc._on_scan = seen.append
+    svc.start()
+    try:
+        for _ in range(200):
+            if len(seen) >= 3:
+                break
+            time.sleep(0.01)
+    finally:
+        svc.stop(timeout=2)
+    assert len(seen) >= 3 and all(not s.partial for s in seen)
+    assert svc._thread is not None and not svc._thread.is_alive()
+
+
+def test_internal_error_never_escapes_the_service(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> ReplaySocket:
+        raise RuntimeError("boom")
+
+    svc = TableScanService(Scanner(broken))
+    with caplog.at_level(logging.ERROR, logger="exporter"):
+        snap = svc.scan_once()
+    assert snap is not None and snap.partial and snap.reason == "internal"
+    assert any("boom" in r.getMessage() for r in caplog.records)
+    reg = registry_for(svc)
+    assert reg.get_sample_value("conntrack_dns_exporter_collector_errors_total",
+                                {"collector": "table", "reason": "internal"}) >= 1  # type: ignore[operator]
+
+
+def test_exporter_replays_a_garbled_fixture_without_crashing() -> None:
+    """The real process with `--collector.table.fixtures`: partial scan metric, one log line, scrapes fine."""
+    env = {"CONNTRACK_DNS_EXPORTER_COLLECTOR_DNS": "false", "CONNTRACK_DNS_EXPORTER_COLLECTOR_CONNTRACK": "false"}
+    exp = Exporter([f"--collector.table.fixtures={FIXTURES / 'table-garbled.json'}", "--collector.table.interval=0.1s"],
+                   env=env)
+    try:
+        exp.wait_ready()
+        first = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            samples = exp.scrape()
+            ts = value(samples, "conntrack_table_last_scan_timestamp_seconds")
+            if ts is not None and first is None:
+                first = ts
+            if ts is not None and first is not None and ts > first + 0.15:  # a few scans later
+                break
+            time.sleep(0.05)
+        assert value(samples, "conntrack_table_scan_partial") == 1
+        assert value(samples, "conntrack_table_scan_entries") == load("table-garbled.json")["complete_messages"]
+        assert value(samples, "conntrack_dns_exporter_collector_success", collector="table") == 1
+    finally:
+        exp.stop()
+    lines = [line for line in exp.stderr().splitlines() if "partial table scan" in line]
+    assert len(lines) == 1, exp.stderr()
+    assert "garbled" in lines[0] and "Traceback" not in exp.stderr()
+
+
+@pytest.mark.parametrize("flag", ["--collector.table.interval=0", "--collector.table.top-sources=-1",
+                                  "--collector.table.max-duration=soon"])
+def test_bad_flag_values_exit_with_one_line(flag: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "exporter", flag], capture_output=True, text=True, timeout=30,
+                       cwd=Path(__file__).resolve().parent.parent.parent)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and flag.split("=")[0] in r.stderr
