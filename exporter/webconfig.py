@@ -93,7 +93,7 @@ class WebConfig:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     _auth_ok: dict[bytes, None] = field(default_factory=dict, repr=False)
-    _dummy: bytes = field(default_factory=lambda: bcrypt.hashpw(b"not a password", bcrypt.gensalt(10)), repr=False)
+    _dummy: bytes = field(default=b"", repr=False)
 
     # --- TLS -------------------------------------------------------------------------------------------
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -270,9 +270,21 @@ def _parse(path: Path, data: Any) -> WebConfig:
             raise WebConfigError(f"basic_auth_users: the password of {user!r} is not a bcrypt hash "
                                  "(want $2a$/$2b$/$2y$..., e.g. from `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)")
         cfg.users[user] = hashed.encode()
+    if cfg.users:
+        # Checked instead of a real hash for unknown users: same cost as the real ones, same time.
+        cfg._dummy = _dummy_hash(min(14, max(int(h[4:6]) for h in cfg.users.values())))
     if cfg.users and cfg.tls is None:
         log.warning("basic auth without TLS: passwords cross the network in clear text")
     return cfg
+
+
+_DUMMIES: dict[int, bytes] = {}
+
+
+def _dummy_hash(cost: int) -> bytes:
+    if cost not in _DUMMIES:
+        _DUMMIES[cost] = bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(cost))
+    return _DUMMIES[cost]
 
 
 def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
