@@ -1,0 +1,187 @@
+"""Issue 8: the HTTP server's behaviour under bad clients, on loopback, with the real ExporterHTTPServer
+(in-process so timeouts and limits can be made small) and real TCP connections.
+
+A user would notice: a scrape that waits behind a client that connected and sent nothing or trickles its
+request, an exporter that spawns unbounded threads (or silently refuses scrapes) under a connection flood,
+a keep-alive connection that is not reused, or a traceback in a response.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import pytest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.server import ExporterHTTPServer
+
+
+class _Boom:
+    def collect(self) -> Iterable[Metric]:
+        raise RuntimeError("secret internal detail")
+
+
+class _Gauge:
+    def collect(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily("test_value", "A value.", value=1)]
+
+
+def _serve(**kw: object) -> ExporterHTTPServer:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Gauge())
+    srv = ExporterHTTPServer("127.0.0.1", 0, reg, **kw)  # type: ignore[arg-type]
+    reg.register(srv)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    srv.ready.set()
+    return srv
+
+
+@pytest.fixture
+def server() -> Iterator[ExporterHTTPServer]:
+    srv = _serve(read_timeout=0.5, idle_timeout=5.0, max_connections=8)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _scrape(port: int, timeout: float = 5.0) -> tuple[int, bytes, float]:
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        return r.status, r.read(), time.monotonic() - t0
+    finally:
+        conn.close()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_keepalive_reuses_one_connection(server: ExporterHTTPServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        r.read()
+        assert r.version == 11 and r.getheader("Connection") != "close"
+        local = conn.sock.getsockname()
+        for _ in range(3):
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            assert r.status == 200 and b"test_value 1.0" in r.read()
+        assert conn.sock.getsockname() == local, "client had to reconnect"
+        assert server.open_connections == 1
+    finally:
+        conn.close()
+
+
+def test_keepalive_off_closes_after_each_response() -> None:
+    srv = _serve(keepalive=False)
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=3)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        assert b"Connection: close" in data and b"test_value 1.0" in data
+        s.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_silent_and_trickling_clients_do_not_delay_scrapes(server: ExporterHTTPServer) -> None:
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow.sendall(b"GET /metr")  # a request that never completes
+    try:
+        for _ in range(5):
+            status, body, took = _scrape(server.port)
+            assert status == 200 and b"test_value" in body
+            assert took < 0.4, f"scrape took {took:.2f}s next to silent clients (read timeout is 0.5s)"
+        # ... and those clients are cut off after the read timeout instead of holding a thread forever.
+        assert all(_closed_within(s, 2.0) for s in [*silent, slow])
+    finally:
+        for s in [*silent, slow]:
+            s.close()
+
+
+def test_connection_cap_closes_extra_connections_and_logs_once(server: ExporterHTTPServer,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="exporter.web")
+    hogs = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+    deadline = time.monotonic() + 2
+    while server.open_connections < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.open_connections == 8
+    extra = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    try:
+        assert all(_closed_within(s, 1.0) for s in extra), "connection over the cap was not closed at once"
+        assert threading.active_count() < 8 + 10, "a thread per rejected connection?"
+        msgs = [r.getMessage() for r in caplog.records if "connection limit reached" in r.getMessage()]
+        assert len(msgs) == 1, msgs  # rate-limited: one line, not one per connection
+        assert "(8 open" in msgs[0]
+        # Once the silent hogs hit the read timeout, scrapes get through again and the count is exported.
+        assert all(_closed_within(s, 2.0) for s in hogs)
+        status, body, _ = _scrape(server.port)
+        assert status == 200
+        assert b"conntrack_dns_exporter_web_connections_rejected_total 3.0" in body
+    finally:
+        for s in [*hogs, *extra]:
+            s.close()
+
+
+def test_idle_keepalive_connection_closed_after_idle_timeout() -> None:
+    srv = _serve(read_timeout=5.0, idle_timeout=0.3)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        conn.request("GET", "/-/healthy")
+        conn.getresponse().read()
+        assert conn.sock is not None and _closed_within(conn.sock, 2.0)
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_no_traceback_in_responses(caplog: pytest.LogCaptureFixture) -> None:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Boom())
+    srv = ExporterHTTPServer("127.0.0.1", 0, reg)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        status, body, _ = _scrape(srv.port)
+        assert status == 500 and b"Traceback" not in body and b"secret internal detail" not in body
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=3)
+        s.sendall(b"\x16\x03\x01garbage that is not HTTP\r\n\r\n")
+        data = s.recv(65536)
+        assert b"400" in data and b"Traceback" not in data  # 400 Bad request (HTTP/0.9-style, no headers)
+        s.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_shutdown_closes_open_connections_promptly(server: ExporterHTTPServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", "/metrics")
+    conn.getresponse().read()
+    t0 = time.monotonic()
+    server.shutdown()
+    assert conn.sock is not None and _closed_within(conn.sock, 1.0)
+    assert time.monotonic() - t0 < 1.0
+    conn.close()
