@@ -17,13 +17,16 @@ Resolver emulation (glibc `res_send.c`, `send_dg`/`send_vc`):
   resolver to single-request mode and re-sends both queries one after the other without counting a
   try; we re-send only the missing one. The application's wait is the same timeout plus one round
   trip, and the packet that went missing is the one we want to count.
+- A socket error (ICMP port unreachable, TCP reset) ends the try at once; glibc then closes the socket
+  and the next try opens a new one (new source port, possibly another DNAT backend). So do we; the
+  query fails with reason `network` only when every attempt failed that way.
 - SERVFAIL, REFUSED, NOTIMP, FORMERR and NXDOMAIN are final answers for their query (glibc moves to
   the next server rather than retransmitting; we probe one server).
 - A truncated (TC) UDP reply is retried over TCP for that query; if TCP fails too the query fails with
   reason `truncated`.
 - glibc `connect()`s its UDP socket, so the kernel drops replies from elsewhere before glibc sees them;
   we leave ours unconnected so stray replies can be counted, and set IP_RECVERR so that an ICMP port
-  unreachable still fails the lookup at once (reason `network`), as ECONNREFUSED does for glibc.
+  unreachable still surfaces as ECONNREFUSED, as it does for glibc.
 
 The recorded duration runs from the first packet sent to the moment both answers (or final failures)
 are in hand: what the application waited.
@@ -205,34 +208,51 @@ def _finish(q: _Query, msg: dns.message.Message | None, attempt: int, reason: st
         q.out.reason = reason
 
 
-async def _udp(host: str, port: int, queries: list[_Query], timeout: float, attempts: int,
-               result: ProbeResult) -> None:
-    """Send the queries back to back from one UDP socket; retransmit the unanswered ones per attempt."""
-    loop = asyncio.get_running_loop()
-    v6 = ":" in host
+def _udp_socket(v6: bool) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-    ex = _Exchange(result, queries, udp=True)
-    tcp_tasks: list[asyncio.Task[None]] = []
     try:
         sock.setblocking(False)
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-        dest = (host, port)
-        network_error = False
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _udp(host: str, port: int, queries: list[_Query], timeout: float, attempts: int,
+               result: ProbeResult) -> None:
+    """Send the queries back to back from one UDP socket; retransmit the unanswered ones per attempt.
+
+    After a timeout the socket is kept (same source port, same conntrack entry, same DNAT backend);
+    after a socket error (ICMP port unreachable) glibc closes it (`close_and_return_error`) and the next
+    try opens a new one: a new source port, so kube-proxy's DNAT may pick another backend.
+    """
+    loop = asyncio.get_running_loop()
+    v6 = ":" in host
+    dest = (host, port)
+    ex = _Exchange(result, queries, udp=True)
+    tcp_tasks: list[asyncio.Task[None]] = []
+    sock: socket.socket | None = None
+    error = False  # the last attempt ended in a socket error rather than a timeout
+    try:
         for attempt in range(attempts):
             pending = [q for q in queries if not q.out.done and not q.via_tcp]
             if not pending:
                 break
+            if sock is None:
+                sock = _udp_socket(v6)
+            error = False
             try:
                 for q in pending:
                     await loop.sock_sendto(sock, q.wire, dest)
                     result.sent += 1
             except OSError:
-                network_error = True
+                error = True
             deadline = loop.time() + timeout
-            while not network_error and any(not q.out.done and not q.via_tcp for q in queries):
+            while not error and any(not q.out.done and not q.via_tcp for q in queries):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -242,7 +262,7 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
                 except TimeoutError:
                     break
                 except OSError:  # ICMP unreachable (IP_RECVERR), no route, ...
-                    network_error = True
+                    error = True
                     break
                 if not (_same_host(src[0], host) and src[1] == port):
                     ex.mismatch()
@@ -263,13 +283,15 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
                 answered = [q for q in queries if q.out.first_reply]
                 if len(answered) == 1:
                     result.partial_lost = next(q.qtype for q in queries if not q.out.first_reply)
-            if network_error:
-                break
+            if error:
+                sock.close()
+                sock = None
         for q in queries:
             if not q.out.done and not q.via_tcp:
-                _finish(q, None, attempts - 1, "network" if network_error else "timeout")
+                _finish(q, None, attempts - 1, "network" if error else "timeout")
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
     if tcp_tasks:
         await asyncio.gather(*tcp_tasks)
 
@@ -286,6 +308,7 @@ async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, atte
                result: ProbeResult) -> None:
     """Both queries on one TCP connection (length-prefixed); a new connection per attempt."""
     ex = _Exchange(result, queries, udp=False)
+    error = False
     for attempt in range(attempts):
         pending = [q for q in queries if not q.out.done]
         if not pending:
@@ -303,12 +326,9 @@ async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, atte
                     if hit is not None:
                         _finish(hit[0], hit[1], attempt)
         except TimeoutError:
-            continue
-        except (OSError, asyncio.IncompleteReadError):
-            for q in pending:
-                if not q.out.done:
-                    _finish(q, None, attempt, "network")
-            return
+            error = False
+        except (OSError, asyncio.IncompleteReadError):  # refused, reset, closed early: the next try reconnects
+            error = True
         finally:
             if writer is not None:
                 writer.close()
@@ -316,7 +336,7 @@ async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, atte
                     await writer.wait_closed()
     for q in queries:
         if not q.out.done:
-            _finish(q, None, attempts - 1, "timeout")
+            _finish(q, None, attempts - 1, "network" if error else "timeout")
 
 
 async def lookup(host: str, port: int, name: str, mode: str, timeout: float, attempts: int) -> ProbeResult:

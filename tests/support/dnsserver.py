@@ -145,7 +145,14 @@ class DnsServer:
         b = Behaviour(**{**self.behaviour.__dict__, **changes})
         self.behaviour = b
         if not b.tcp and self._tcp_open:
-            self._call(self._close_tcp)
+            closed = threading.Event()
+
+            def close() -> None:
+                self._close_tcp()
+                closed.set()
+
+            self._call(close)
+            closed.wait(5)
 
     def logged(self, transport: str | None = None) -> list[QueryLog]:
         with self._lock:
