@@ -211,6 +211,8 @@ class ListWatch:
         self._lock = threading.Lock()
         self._resp: Any = None
         self._rv: str | None = None  # where the next watch resumes; None: (re)list first
+        self._watch_opened: float | None = None
+        self._watch_events = 0
         self._forbidden_logged: set[str] = set()
         self.thread = threading.Thread(target=self._run, name=f"kube-{self.resource}", daemon=True)
 
@@ -266,6 +268,8 @@ class ListWatch:
             except Exception as e:
                 if self._stop.is_set():
                     break
+                if self._watch_was_healthy():
+                    backoff.reset()  # a long-lived stream that broke: retry soon, it is not a flapping server
                 desc = describe_error(e)
                 if getattr(e, "status", None) == 410:  # a list with a stale continue token
                     self._rv = None
@@ -276,6 +280,10 @@ class ListWatch:
                     log.debug("Kubernetes API request failed again", extra={"kv": {"resource": self.resource,
                                                                                    "error": desc}})
             self._stop.wait(backoff.next())
+
+    def _watch_was_healthy(self) -> bool:
+        opened, self._watch_opened = self._watch_opened, None
+        return opened is not None and (self._watch_events > 0 or time.monotonic() - opened > 10.0)
 
     # -- requests --
     def _call(self, verb: str, **kwargs: Any) -> Any:
@@ -328,6 +336,7 @@ class ListWatch:
         with self._lock:
             self._resp = resp
         self._state.ok(self.resource)
+        self._watch_opened, self._watch_events = time.monotonic(), 0
         events = 0
         try:
             for line in iter_lines(resp):
@@ -343,6 +352,7 @@ class ListWatch:
                                      f"{obj.get('message', '')}"[:300])
                 new_rv = (obj.get("metadata") or {}).get("resourceVersion")
                 events += 1
+                self._watch_events = events
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     self.h.apply(kind, obj)
                     log.debug("watch event", extra={"kv": {"resource": self.resource, "type": kind,
@@ -456,7 +466,7 @@ class DNSDiscovery:
     resource: str = "endpointslices"
     service: ServiceInfo | None = None
     slices: dict[str, Obj] = field(default_factory=dict)
-    on_slices: Callable[[], None] | None = None  # called after each watch event (Service re-creation check)
+    on_slices: Callable[[], None] | None = None  # called after each list and event (Service re-creation check)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _published: bool = False
 
@@ -473,6 +483,8 @@ class DNSDiscovery:
         with self._lock:
             self.slices = {str(_meta(o).get("name", "")): o for o in items}
         self.publish()
+        if self.on_slices is not None:
+            self.on_slices()
 
     def apply(self, kind: str, obj: Obj) -> None:
         name = str(_meta(obj).get("name", ""))
@@ -663,6 +675,10 @@ class KubeWatcher:
         for w in self._watches:
             w.start()
 
+    def alive(self) -> list[str]:
+        """Resources whose watch thread is still running."""
+        return [w.resource for w in self._watches if w.thread.is_alive()]
+
     def stop(self, timeout: float) -> None:
         self._stop.set()
         for w in self._watches:
@@ -670,7 +686,7 @@ class KubeWatcher:
         deadline = time.monotonic() + timeout
         for w in self._watches:
             w.thread.join(max(0.0, deadline - time.monotonic()))
-        alive = [w.resource for w in self._watches if w.thread.is_alive()]
+        alive = self.alive()
         if alive:
             log.debug("watch threads still finishing a request", extra={"kv": {"resources": ",".join(alive)}})
         try:
