@@ -78,7 +78,8 @@ def _https(port: int, ctx: ssl.SSLContext, path: str, headers: dict[str, str] | 
 
 
 def _start(config: Path, ctx: ssl.SSLContext) -> Exporter:
-    e = Exporter([f"--web.config.file={config}"])
+    # Loopback in the machine's own namespace: no DNS probes (they would go to the host's resolver).
+    e = Exporter([f"--web.config.file={config}", "--no-collector.dns"])
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if e.proc.poll() is not None:
@@ -211,7 +212,7 @@ def test_bad_web_config_exits_2_with_one_line(tmp_path: Path, content: str | Non
     path = tmp_path / "web.yml"
     if content is not None:
         path.write_text(content)
-    e = Exporter([f"--web.config.file={path}"])
+    e = Exporter([f"--web.config.file={path}", "--no-collector.dns"])
     rc = e.proc.wait(15)
     lines = e.stderr().strip().splitlines()
     assert rc == 2
