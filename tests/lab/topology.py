@@ -188,6 +188,7 @@ class Lab:
         run(["ip", "addr", "add", f"{self.host_root_ip}/30", "dev", self.host_link])
         run(["ip", "link", "set", self.host_link, "up"])
         self._addr(node, "host0", f"{self.host_node_ip}/30")
+        node.exec(["ip", "link", "set", "host0", "up"])
         self.apply_nft(configs.node_ruleset(SERVICE_IP, self.endpoints(), NODELOCAL_IP if self.nodelocal else None,
                                             "host0"))
         # the pod's resolv.conf; `ip netns exec <pod>` bind-mounts it over /etc/resolv.conf for glibc clients
