@@ -214,6 +214,7 @@ def prometheus_rule_text(groups: list[dict[str, Any]]) -> str:
         "kind": "PrometheusRule",
         "metadata": {
             "name": "conntrack-dns-exporter",
+            "namespace": "conntrack-dns-exporter",
             "labels": {"app.kubernetes.io/name": "conntrack-dns-exporter",
                        "app.kubernetes.io/component": "alerting"},
         },
