@@ -63,25 +63,50 @@ class FixtureStatsSource:
         pass
 
 
+class Recorder:
+    """Records live samples into the fixture format. Construct and sample in the namespace to record."""
+
+    def __init__(self, description: str = "") -> None:
+        self._raw: list[tuple[str, list[bytes]]] = []
+        self._src = NetlinkStatsSource(record=self._raw)
+        self._samples: list[dict[str, Any]] = []
+        self.description = description
+        self.sysctl: dict[str, int] = {}
+
+    def sample(self) -> ConntrackStats:
+        self._raw.clear()
+        stats = self._src.sample()
+        self._samples.append({kind: [d.hex() for d in dgrams] for kind, dgrams in self._raw})
+        if not self.sysctl:
+            self.sysctl = SysctlSource().read()
+        return stats
+
+    def close(self) -> None:
+        self._src.close()
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "kernel": platform.release(),
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sysctl": self.sysctl,
+            "samples": self._samples,
+        }
+
+    def write(self, out: Path) -> None:
+        out.write_text(json.dumps(self.data(), indent=1) + "\n")
+
+
 def record(out: Path, samples: int, interval: float, description: str) -> None:
-    raw: list[tuple[str, list[bytes]]] = []
-    src = NetlinkStatsSource(record=raw)
-    recorded: list[dict[str, Any]] = []
-    for i in range(samples):
-        if i:
-            time.sleep(interval)
-        raw.clear()
-        src.sample()
-        recorded.append({kind: [d.hex() for d in dgrams] for kind, dgrams in raw})
-    src.close()
-    data = {
-        "description": description,
-        "kernel": platform.release(),
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "sysctl": SysctlSource().read(),
-        "samples": recorded,
-    }
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    rec = Recorder(description)
+    try:
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            rec.sample()
+    finally:
+        rec.close()
+    rec.write(out)
 
 
 def main(argv: list[str] | None = None) -> int:

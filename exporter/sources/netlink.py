@@ -89,7 +89,9 @@ class NetlinkError(CollectorError):
             msg = (f"{what}: permission denied (EPERM): the exporter needs CAP_NET_ADMIN in the network "
                    "namespace it monitors (DaemonSet: securityContext.capabilities.add [NET_ADMIN])")
             reason = "permission"
-        elif err in (errno.EPROTONOSUPPORT, errno.EOPNOTSUPP, errno.ENOENT, errno.EAFNOSUPPORT):
+        elif err in (errno.EPROTONOSUPPORT, errno.EOPNOTSUPP, errno.ENOENT, errno.EAFNOSUPPORT, errno.EINVAL):
+            # The statistics requests carry no attributes: EINVAL means the kernel has no ctnetlink
+            # subsystem to answer them (nfnetlink without nf_conntrack_netlink).
             msg = (f"{what}: nf_conntrack netlink is not available ({errno.errorcode.get(err, err)}): "
                    "load the nf_conntrack and nf_conntrack_netlink modules")
             reason = "unavailable"

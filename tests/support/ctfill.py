@@ -121,21 +121,32 @@ def fill(ns: str, n: int, *, mark: int = FILL_MARK, start: int = 0, sources: int
     return count(ns) - before
 
 
-def fill_to(ns: str, total: int, *, mark: int = FILL_MARK) -> int:
-    """Fill until the namespace table holds `total` entries (or the limit); return the final count."""
+def fill_to(ns: str, total: int | None = None, *, mark: int = FILL_MARK) -> int:
+    """Fill until the namespace table holds `total` entries (default and at most: the limit).
+
+    Returns the final count. Entries that expire or get evicted meanwhile are topped up (a few rounds).
+    """
+    limit = stats(ns)[1]
+    total = limit if total is None else min(total, limit)
     start = 0
-    for _ in range(8):
+    for _ in range(5):
         have = count(ns)
         if have >= total:
             return have
         need = total - have
-        fill(ns, need, mark=mark, start=start)
+        if fill(ns, need, mark=mark, start=start) == 0:
+            break
         start += need
     return count(ns)
 
 
 def count(ns: str) -> int:
     """The namespace's conntrack entry count, over netlink."""
+    return stats(ns)[0]
+
+
+def stats(ns: str) -> tuple[int, int]:
+    """(entries, limit) of the namespace's table, over netlink."""
     s = _open(ns)
     try:
         s.send(build_request(IPCTNL_MSG_CT_GET_STATS, NLM_F_REQUEST | NLM_F_ACK, 1))
@@ -145,8 +156,8 @@ def count(ns: str) -> int:
             replies.append(d)
             if any(t == 2 for t, _f, _q, _p in iter_messages(d)):  # the ACK
                 break
-        entries, _limit = parse_stats_global(replies)
-        return entries or 0
+        entries, limit = parse_stats_global(replies)
+        return entries or 0, limit or 0
     finally:
         s.close()
 

@@ -51,6 +51,7 @@ class Exporter:
         full_env = {**os.environ, **(env or {})}
         # stderr goes to a file, never a pipe: a chatty exporter must not block on a full pipe.
         self._log = tempfile.TemporaryFile(mode="w+")
+        self._conn: http.client.HTTPConnection | None = None
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log, text=True,
                                      env=full_env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
@@ -88,11 +89,26 @@ class Exporter:
         raise TimeoutError(f"exporter not ready after {timeout}s: {self.stderr()}")
 
     def scrape(self) -> Samples:
+        """Scrape on a new connection (like a first scrape, or an HTTP/1.0 client)."""
         status, _, body = self.get("/metrics")
         assert status == 200, body
         return parse(body.decode())
 
+    def keepalive_scrape(self, timeout: float = 5.0) -> Samples:
+        """Scrape on one persistent HTTP/1.1 connection, as Prometheus does (its conntrack entry exists
+        already, so this keeps working when the table is full)."""
+        if self._conn is None:
+            self._conn = self.connect(timeout)
+        self._conn.request("GET", "/metrics")
+        r = self._conn.getresponse()
+        body = r.read()
+        assert r.status == 200, body
+        return parse(body.decode())
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
