@@ -85,7 +85,7 @@ def test_full_table_drops_new_flows_and_the_exporter_sees_it(dnat_ns: tuple[Netn
         ctfill.fill_to(client.name)
         s = client.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sent_dropped = 0
-        for i in range(20):  # a DNS query needs a new entry: at 100% the kernel refuses it
+        for _ in range(20):  # a DNS query needs a new entry: at 100% the kernel refuses it
             try:
                 s.sendto(b"\0" * 12, ("10.96.0.10", 53))
             except PermissionError:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -14,9 +16,7 @@ from exporter import cli, logs
 from exporter.config import env_name, parse_duration, parse_hostport
 
 
-def run_exporter(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    import os
-
+def run_exporter(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 

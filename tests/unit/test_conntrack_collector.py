@@ -143,13 +143,13 @@ def test_garbled_reply_fails_the_collector_but_not_the_scrape(tmp_path: Path) ->
     reg = CollectorRegistry(auto_describe=False)
     reg.register(ScrapeWrapper([ConntrackCollector(src, StaticSysctlSource(src.sysctl))]))
     got = scrape_once(reg)
+    parse_errors = ("conntrack_dns_exporter_collector_errors_total", (("collector", "conntrack"), ("reason", "parse")))
     assert got[("conntrack_dns_exporter_collector_success", (("collector", "conntrack"),))] == 0
-    assert got[("conntrack_dns_exporter_collector_errors_total", (("collector", "conntrack"), ("reason", "parse")))] == 1
+    assert got[parse_errors] == 1
     # what could still be read is still served
     assert got[("conntrack_buckets", ())] == data["sysctl"]["nf_conntrack_buckets"]
     assert ("conntrack_stat_drop_total", ()) not in got
-    assert scrape_once(reg)[
-        ("conntrack_dns_exporter_collector_errors_total", (("collector", "conntrack"), ("reason", "parse")))] == 2
+    assert scrape_once(reg)[parse_errors] == 2
 
 
 def test_a_broken_collector_never_breaks_the_others() -> None:
