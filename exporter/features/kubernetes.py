@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              metavar="NAMESPACE/NAME", help="The cluster DNS Service whose IP and endpoints are probed.")
     add_flag(g, "--kubernetes.node-name", default=os.environ.get("NODE_NAME", "").strip(), type=node_name,
              metavar="NODE", help="This node's name, to watch the pods on it (default: env NODE_NAME, set from "
-                                  "the downward API). Empty: no pod map.")
+                                  "the downward API; argparse checks that default too). Empty: no pod map.")
     add_flag(g, "--kubernetes.max-backoff", default=30.0, type=parse_duration,
              help="Longest wait between retries when the API server fails (backoff doubles up to it, with jitter).")
 
@@ -85,14 +85,10 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         return Built()
     kubeconfig, in_cluster = choice
     try:
-        node = node_name(args.kubernetes_node_name)  # the NODE_NAME default is not checked by argparse
-    except argparse.ArgumentTypeError as e:
-        raise CollectorError(f"NODE_NAME: {e}") from None
-    try:
         cfg = kube.load_configuration(kubeconfig, in_cluster)
     except ValueError as e:
         raise CollectorError(str(e)) from None
     ns, name = args.kubernetes_dns_service
     timeouts = kube.Timeouts(max_backoff=args.kubernetes_max_backoff)
-    watcher = kube.KubeWatcher(cfg, ns, name, node, ctx.targets, ctx.pods, timeouts)
+    watcher = kube.KubeWatcher(cfg, ns, name, args.kubernetes_node_name, ctx.targets, ctx.pods, timeouts)
     return Built(collectors=[KubernetesCollector(watcher.state)], services=[watcher])

@@ -34,7 +34,9 @@ from exporter.sources.podindex import PodIndex
 ORIGIN = "kubernetes"
 RESOURCES = ("services", "endpointslices", "pods")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+IN_CLUSTER_TOKEN = f"{SA_DIR}/token"
+IN_CLUSTER_CA = f"{SA_DIR}/ca.crt"
 
 # RBAC rule a 403 on each request is missing: (apiGroup, resource, verbs the exporter needs).
 RBAC_RULES = {
@@ -72,13 +74,18 @@ def load_configuration(kubeconfig: str | None, in_cluster: bool) -> Any:
     Raises ValueError with one line if the configuration cannot be loaded.
     """
     from kubernetes import client, config
+    from kubernetes.config.incluster_config import InClusterConfigLoader
 
     cfg = client.Configuration()
     try:
         if in_cluster:
-            config.load_incluster_config(client_configuration=cfg)
+            # The projected token rotates: the loader re-reads it before it expires.
+            InClusterConfigLoader(token_filename=IN_CLUSTER_TOKEN, cert_filename=IN_CLUSTER_CA,
+                                  try_refresh_token=True).load_and_set(cfg)
         else:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg, persist_config=False)
+            # KUBECONFIG may list several files (path-separated): the loader merges them.
+            config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"),
+                                    client_configuration=cfg, persist_config=False)
     except Exception as e:  # the loaders raise ConfigException, OSError, yaml errors, TypeError...
         source = kubeconfig or os.environ.get("KUBECONFIG")
         where = "in-cluster service account" if in_cluster else f"kubeconfig {source}"
@@ -191,6 +198,7 @@ class Timeouts:
     watch_seconds: int = 300  # server side; the server ends the watch cleanly, we renew it
     watch_slack: float = 30.0  # client read timeout = watch_seconds + slack (dead peer behind a NAT)
     max_backoff: float = 30.0
+    page_size: int = 500  # list in pages, as informers do, so a big list never loads the API server at once
 
 
 class ListWatch:
@@ -300,7 +308,8 @@ class ListWatch:
         items: list[Obj] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"limit": 500, "_request_timeout": (self._t.connect, self._t.list_read)}
+            kwargs: dict[str, Any] = {"limit": self._t.page_size,
+                                      "_request_timeout": (self._t.connect, self._t.list_read)}
             if token:
                 kwargs["_continue"] = token
             resp = self._call("list", **kwargs)
@@ -649,6 +658,7 @@ class KubeWatcher:
                 status = getattr(e, "status", None)
                 if status == 404:
                     self.dns.set_service(None)
+                    self.state.event("services", 0)
                     if self.state.failed("services", "not found"):
                         log.warning("DNS Service not found; probing its endpoints only",
                                     extra={"kv": {"service": f"{self.namespace}/{self.service}"}})

@@ -121,3 +121,29 @@ def test_stop_while_retrying_an_unreachable_api(api: FakeAPI, watcher: tuple[kub
     t0 = time.monotonic()
     w.stop(1.0)
     assert time.monotonic() - t0 < 1.0 and w.alive() == []
+
+
+def test_paged_list_and_missing_service(api: FakeAPI, tmp_path: Any) -> None:
+    """Lists are read page by page (limit/continue); a missing DNS Service leaves its endpoints probed and
+    is picked up, without polling, when its slices name it as their owner."""
+    for i in range(5):
+        api.put(pod("default", f"web-{i}", NODE, f"10.244.1.{10 + i}"))
+    api.put(endpoint_slice(NS, SVC, "kube-dns-x", [Endpoint("10.244.0.3", "coredns-a")], owner_uid="old-uid"))
+    cfg = kube.load_configuration(api.write_kubeconfig(str(tmp_path / "kubeconfig")), in_cluster=False)
+    ctx = AppContext()
+    w = kube.KubeWatcher(cfg, NS, SVC, NODE, ctx.targets, ctx.pods, kube.Timeouts(max_backoff=0.5, page_size=2))
+    try:
+        w.start()
+        wait_for(lambda: len(ctx.pods) == 5, what="all pages of pods")
+        assert [r.query.get("limit") for r in api.calls("pods", "list")] == ["2", "2", "2"]
+        wait_for(lambda: ctx.targets.origin(kube.ORIGIN) == (Target("10.244.0.3", 53, "endpoint", "coredns-a"),),
+                 what="endpoints probed without the Service")
+        snap = w.state.snapshot()
+        assert not w.state.up and snap["services"].objects == 0 and snap["services"].error == "not found"
+        svc = api.put(service(NS, SVC, "10.96.0.10"))
+        api.put(endpoint_slice(NS, SVC, "kube-dns-x", [Endpoint("10.244.0.3", "coredns-a")],
+                               owner_uid=svc["metadata"]["uid"]))
+        wait_for(lambda: Target("10.96.0.10", 53, "service") in ctx.targets.snapshot(), what="Service found")
+        wait_for(lambda: w.state.up, what="kubernetes up")
+    finally:
+        w.stop(1.0)
