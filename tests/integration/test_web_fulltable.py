@@ -146,7 +146,7 @@ def _new_connection_get(ns: Netns, host: str, port: int, timeout: float = 2.0) -
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[dict[str, Any]]:
+def fulltable() -> Iterator[dict[str, Any]]:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
@@ -210,12 +210,12 @@ def lab() -> Iterator[dict[str, Any]]:
         tmpdir.cleanup()
 
 
-def test_keepalive_scrapes_keep_succeeding_at_full_table(lab: dict[str, Any]) -> None:
-    prom: Prometheus = lab["prom"]
-    a, b = lab["a"], lab["b"]
+def test_keepalive_scrapes_keep_succeeding_at_full_table(fulltable: dict[str, Any]) -> None:
+    prom: Prometheus = fulltable["prom"]
+    a, b = fulltable["a"], fulltable["b"]
     # Wait until at least 3 scrapes of each target happened after the fill, then look at all of them.
-    time.sleep(max(0.0, lab["fill_end"] + 7.0 - time.time()))
-    window = f"{int(time.time() - lab['fill_end'])}s"
+    time.sleep(max(0.0, fulltable["fill_end"] + 7.0 - time.time()))
+    window = f"{int(time.time() - fulltable['fill_end'])}s"
     ok = prom.query(f"min_over_time(up[{window}])")
     fails = prom.query(f"max_over_time(up[{window}])")
     samples = prom.query(f"count_over_time(up[{window}])")
@@ -227,24 +227,24 @@ def test_keepalive_scrapes_keep_succeeding_at_full_table(lab: dict[str, Any]) ->
     assert full.get(a) == 0.0, f"scraped conntrack_entries != conntrack_entries_limit: {full}"
 
 
-def test_alerts_fire_at_full_table(lab: dict[str, Any]) -> None:
-    if lab["rules"] is None:
+def test_alerts_fire_at_full_table(fulltable: dict[str, Any]) -> None:
+    if fulltable["rules"] is None:
         pytest.skip(f"{RULES} not present yet")
-    prom: Prometheus = lab["prom"]
+    prom: Prometheus = fulltable["prom"]
     deadline = time.monotonic() + 20
     firing: set[str] = set()
     want = {"ConntrackTableNearFull", "ConntrackDroppingPackets"}
     while time.monotonic() < deadline and not want <= firing:
         alerts = prom.api("alerts")["data"]["alerts"]
         firing = {al["labels"]["alertname"] for al in alerts
-                  if al["state"] == "firing" and al["labels"].get("instance") == lab["a"]}
+                  if al["state"] == "firing" and al["labels"].get("instance") == fulltable["a"]}
         time.sleep(0.5)
-    assert want <= firing, f"firing for {lab['a']}: {sorted(firing)}"
+    assert want <= firing, f"firing for {fulltable['a']}: {sorted(firing)}"
 
 
-def test_notrack_new_connections_work_at_full_table(lab: dict[str, Any]) -> None:
-    mon: Netns = lab["mon"]
-    assert ctfill.count(lab["node"].name) >= _limit()
+def test_notrack_new_connections_work_at_full_table(fulltable: dict[str, Any]) -> None:
+    mon: Netns = fulltable["mon"]
+    assert ctfill.count(fulltable["node"].name) >= _limit()
     assert _new_connection_get(mon, NODE_IP, NOTRACK) == 200
     samples = parse(_metrics_via_new_connection(mon, NOTRACK))
     assert value(samples, "conntrack_dns_exporter_web_notrack_rule_present") == 1.0
