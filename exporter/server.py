@@ -30,7 +30,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +57,55 @@ class _Conn:
         self.sock = sock
 
 
+class _Flight:
+    __slots__ = ("body", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.body = b""
+        self.error: BaseException | None = None
+
+
+class Exposition:
+    """Renders the registry; scrapes that arrive while a rendering of the same format is running share it.
+
+    Rendering is CPU work under the GIL, so N simultaneous scrapes rendering N times would each take N
+    times longer; sharing keeps a scrape's latency near one rendering however many scrapers there are.
+    A shared result is at most one rendering old, which Prometheus cannot tell from network delay.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._inflight: dict[str, _Flight] = {}
+        self.renders = 0
+        self.shared = 0
+
+    def render(self, key: str, encoder: Callable[[CollectorRegistry], bytes]) -> bytes:
+        with self._lock:
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._inflight[key] = _Flight()
+                self.renders += 1
+            else:
+                self.shared += 1
+        if leader:
+            try:
+                flight.body = encoder(self.registry)
+            except BaseException as e:
+                flight.error = e
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+                flight.done.set()
+        else:
+            flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.body
+
+
 class ExporterHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -67,6 +116,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                  idle_timeout: float = 300.0, read_timeout: float = 10.0, max_connections: int = 64,
                  web_config: WebConfig | None = None, landing_extra: str = "") -> None:
         self.registry = registry
+        self.exposition = Exposition(registry)
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
@@ -271,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
         accept = self.headers.get("Accept", "")
         try:
             encoder, content_type = choose_encoder(accept)
-            body = encoder(self.server.registry)
+            body = self.server.exposition.render(content_type, encoder)
         except Exception:  # never a traceback in a response
             log.exception("exposition failed")
             self._send(500, b"internal error while collecting metrics; see the exporter's log\n",

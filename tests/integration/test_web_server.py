@@ -185,3 +185,37 @@ def test_shutdown_closes_open_connections_promptly(server: ExporterHTTPServer) -
     assert conn.sock is not None and _closed_within(conn.sock, 1.0)
     assert time.monotonic() - t0 < 1.0
     conn.close()
+
+
+class _Slow:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Iterable[Metric]:
+        self.calls += 1
+        time.sleep(0.3)
+        return [GaugeMetricFamily("slow_value", "A value that takes a while.", value=self.calls)]
+
+
+def test_simultaneous_scrapes_share_one_rendering() -> None:
+    """Ten scrapers at once cost one collection, not ten (each would otherwise wait for all the others)."""
+    reg = CollectorRegistry(auto_describe=False)
+    slow = _Slow()
+    reg.register(slow)
+    srv = ExporterHTTPServer("127.0.0.1", 0, reg)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        results: list[tuple[int, bytes, float]] = []
+        threads = [threading.Thread(target=lambda: results.append(_scrape(srv.port))) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(results) == 10 and all(r[0] == 200 and b"slow_value" in r[1] for r in results)
+        assert slow.calls <= 3, f"{slow.calls} collections for 10 simultaneous scrapes"
+        _scrape(srv.port)
+        assert slow.calls <= 4  # a later scrape renders afresh, never serves an old result
+        assert slow.calls >= 2
+    finally:
+        srv.shutdown()
+        srv.server_close()
