@@ -32,6 +32,7 @@ import errno
 import ipaddress
 import json
 import platform
+import queue
 import socket
 import struct
 import sys
@@ -451,14 +452,17 @@ class Scanner:
     """
 
     def __init__(self, open_socket: Callable[[], DumpSocket] = open_netlink, max_duration: float = 30.0,
-                 pace: float = 0.0002, pace_every: int = 4, record: list[bytes] | None = None) -> None:
+                 pace: float = 0.0002, pace_every: int = 4, record: list[bytes] | None = None,
+                 pipeline: bool = True) -> None:
         self._open = open_socket
+        self.pipeline = pipeline
         self.max_duration = max_duration
         self.pace = pace
         self.pace_every = pace_every
         self._buf = bytearray(RECV_BUFFER)
         self._record = record
         self._stop = threading.Event()
+        self._reader_cpu = 0.0
 
     def abort(self) -> None:
         self._stop.set()
@@ -471,6 +475,7 @@ class Scanner:
         c0 = time.thread_time()
         deadline = t0 + self.max_duration
         restarts = 0
+        self._reader_cpu = 0.0
         while True:
             parser = DumpParser(keys, servers)
             reason, message = self._run(parser, deadline)
@@ -479,8 +484,8 @@ class Scanner:
                 continue
             break
         return ScanResult(agg=parser.agg, started=started, duration=time.monotonic() - t0,
-                          cpu=time.thread_time() - c0, partial=bool(reason), reason=reason, message=message,
-                          restarts=restarts, stale_checked=servers is not None)
+                          cpu=time.thread_time() - c0 + self._reader_cpu, partial=bool(reason), reason=reason,
+                          message=message, restarts=restarts, stale_checked=servers is not None)
 
     def _run(self, parser: DumpParser, deadline: float) -> tuple[str, str]:
         """One dump into `parser`; returns ("", "") when complete, else (reason, one-line message)."""
@@ -488,25 +493,28 @@ class Scanner:
             sock = self._open()
         except CollectorError as e:
             return e.reason, str(e)
-        buf = self._buf
         feed = parser.feed
         record = self._record
         pace, pace_every = self.pace, self.pace_every
         stop = self._stop
+        reader: _DirectReader | _PipelinedReader | None = None
         try:
             sock.send(dump_request())
+            reader = _PipelinedReader(sock) if self.pipeline else _DirectReader(sock, self._buf)
             k = 0
             while True:
                 try:
-                    n = sock.recv_into(buf)
-                except BlockingIOError:
-                    return "timeout", "conntrack table dump: no data from the kernel within the receive timeout"
+                    buf, n = reader.next(deadline - time.monotonic())
+                except (BlockingIOError, TimeoutError):
+                    return "timeout", (f"conntrack table dump: no data from the kernel before the time cap "
+                                       f"({self.max_duration:g}s, {parser.agg.entries} entries read)")
                 if record is not None:
                     record.append(bytes(buf[:n]))
                 if n == 0:
                     return "parse", "conntrack table dump: the replay ended before NLMSG_DONE"
                 if feed(buf, n):
                     break
+                reader.release(buf)
                 k += 1
                 if stop.is_set():
                     return "stopped", "scan stopped"
@@ -530,7 +538,95 @@ class Scanner:
             err = NetlinkError(e.errno or errno.EIO, "conntrack table dump")
             return err.reason, str(err)
         finally:
-            sock.close()
+            if reader is not None:
+                reader.close()
+                self._reader_cpu += reader.cpu
+            else:
+                sock.close()
+
+
+class _DirectReader:
+    """recv_into one reused buffer, on the scanning thread."""
+
+    def __init__(self, sock: DumpSocket, buf: bytearray) -> None:
+        self._sock = sock
+        self._buf = buf
+
+    def next(self, _timeout: float) -> tuple[bytearray, int]:
+        return self._buf, self._sock.recv_into(self._buf)
+
+    def release(self, _buf: bytearray) -> None:
+        pass
+
+    cpu = 0.0  # receiving happens on the scanning thread: counted there
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _ends_dump(buf: bytearray, n: int) -> bool:
+    """Whether a datagram ends with NLMSG_DONE or NLMSG_ERROR (then the kernel sends nothing more)."""
+    for size, mtype in ((20, NLMSG_DONE), (36, NLMSG_ERROR)):
+        if n >= size and _HH(buf, n - size)[0] == size and _HH(buf, n - size + 4)[0] == mtype:
+            return True
+    return n == 0
+
+
+class _PipelinedReader:
+    """A thread receives the next datagrams while the scanning thread parses the previous ones.
+
+    The kernel builds each dump datagram inside the recv call, without the GIL, so receiving on one
+    thread and parsing on another overlaps the kernel's half of the work with ours. A few reused
+    buffers circulate between the two (bounded memory); the reader owns and closes the socket.
+    """
+
+    BUFFERS = 4
+
+    def __init__(self, sock: DumpSocket) -> None:
+        self._sock = sock
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        self._full: queue.Queue[tuple[bytearray | None, int, OSError | None]] = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self._free.put(bytearray(RECV_BUFFER))
+        self.cpu = 0.0  # the reader thread's CPU time, once it has ended
+        self._thread = threading.Thread(target=self._loop, name="table-scan-recv", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        c0 = time.thread_time()
+        try:
+            while True:
+                buf = self._free.get()
+                if buf is None:
+                    return
+                try:
+                    n = self._sock.recv_into(buf)
+                except OSError as e:
+                    self._full.put((None, 0, e))
+                    return
+                self._full.put((buf, n, None))
+                if _ends_dump(buf, n):
+                    return
+        finally:
+            self._sock.close()
+            self.cpu = time.thread_time() - c0
+
+    def next(self, timeout: float) -> tuple[bytearray, int]:
+        try:
+            buf, n, err = self._full.get(timeout=max(timeout, 0.001))
+        except queue.Empty:
+            raise TimeoutError from None
+        if err is not None:
+            raise err
+        assert buf is not None
+        return buf, n
+
+    def release(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+    def close(self) -> None:
+        self._free.put(None)  # the reader stops at its next buffer (or when its recv times out)
+        self._thread.join(0.1)  # normally it has already ended (it saw the end of the dump)
 
 
 class ReplaySocket:
