@@ -117,9 +117,9 @@ class KubeState:
     def ok(self, resource: str, objects: int | None = None) -> None:
         with self._lock:
             st = self._res[resource]
-            st.synced, st.error, st.last_event = True, "", time.time()
-            if objects is not None:
-                st.objects = objects
+            st.synced, st.error = True, ""
+            if objects is not None:  # a list or get answered (a watch merely opening is not an event)
+                st.objects, st.last_event = objects, time.time()
 
     def event(self, resource: str, objects: int | None = None) -> None:
         with self._lock:
@@ -221,6 +221,7 @@ class ListWatch:
         self._rv: str | None = None  # where the next watch resumes; None: (re)list first
         self._watch_opened: float | None = None
         self._watch_events = 0
+        self._last_gone = -1e9
         self._forbidden_logged: set[str] = set()
         self.thread = threading.Thread(target=self._run, name=f"kube-{self.resource}", daemon=True)
 
@@ -265,6 +266,11 @@ class ListWatch:
                 log.info("watch expired (410 Gone), relisting", extra={"kv": {"resource": self.resource}})
                 self._state.restarted(self.resource)
                 self._rv = None
+                # A server answering 410 again right after a relist must not make us spin.
+                now = time.monotonic()
+                if now - self._last_gone < 1.0:
+                    self._stop.wait(backoff.next())
+                self._last_gone = now
                 continue
             except Forbidden as e:
                 if self._stop.is_set():
@@ -279,8 +285,6 @@ class ListWatch:
                 if self._watch_was_healthy():
                     backoff.reset()  # a long-lived stream that broke: retry soon, it is not a flapping server
                 desc = describe_error(e)
-                if getattr(e, "status", None) == 410:  # a list with a stale continue token
-                    self._rv = None
                 if self._state.failed(self.resource, desc):
                     log.warning("Kubernetes API request failed, retrying with backoff; keeping the last known "
                                 "state", extra={"kv": {"resource": self.resource, "verb": verb, "error": desc}})
@@ -316,6 +320,8 @@ class ListWatch:
             with self._lock:
                 self._resp = resp
             try:
+                if self._stop.is_set():  # stop() came before we published resp: it could not interrupt us
+                    raise InterruptedError("stopping")
                 body = json.loads(resp.data)
             finally:
                 with self._lock:
@@ -348,6 +354,8 @@ class ListWatch:
         self._watch_opened, self._watch_events = time.monotonic(), 0
         events = 0
         try:
+            if self._stop.is_set():  # stop() came before we published resp: it could not interrupt us
+                return 0
             for line in iter_lines(resp):
                 if self._stop.is_set():
                     break
