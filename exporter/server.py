@@ -16,7 +16,9 @@ TLS handshakes happen on the connection's thread, never in the accept loop. With
 
 Metrics: `conntrack_dns_exporter_web_connections` (gauge, open connections),
 `conntrack_dns_exporter_web_connections_rejected_total` (over the limit),
-`conntrack_dns_exporter_web_tls_handshake_errors_total`, `conntrack_dns_exporter_web_auth_failures_total`.
+`conntrack_dns_exporter_web_tls_handshake_errors_total`, `conntrack_dns_exporter_web_auth_failures_total`,
+`conntrack_dns_exporter_web_scrapes_total`, `conntrack_dns_exporter_web_scrapes_shared_total` (scrapes that
+arrived while another rendered the registry and shared its result).
 """
 
 from __future__ import annotations
@@ -158,6 +160,10 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     # --- connection lifecycle ----------------------------------------------------------------------------
     def process_request(self, request: Any, client_address: Any) -> None:
+        # Headers and body are two writes; without TCP_NODELAY, Nagle plus the client's delayed ACK can add
+        # 40 ms to a scrape.
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(request)
         with self._lock:
             full = self._closing or len(self._conns) >= self.max_connections
@@ -252,7 +258,15 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         a = CounterMetricFamily("conntrack_dns_exporter_web_auth_failures",
                                 "Requests refused with 401: missing or wrong basic-auth credentials.")
         a.add_metric([], auth)
-        return [g, lim, r, t, a]
+        with self.exposition._lock:
+            renders, shared = self.exposition.renders, self.exposition.shared
+        sc = CounterMetricFamily("conntrack_dns_exporter_web_scrapes",
+                                 "Metrics requests answered (with status 200 or 500).")
+        sc.add_metric([], renders + shared)
+        sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
+                                 "Metrics requests answered with a rendering another simultaneous request started.")
+        sh.add_metric([], shared)
+        return [g, lim, r, t, a, sc, sh]
 
     def describe(self) -> list[Metric]:
         return []

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.exporter_proc import Exporter
 from tests.support.netns import Netns
+from tests.support.scrapeload import blackhole
 
 pytestmark = pytest.mark.netns
 
@@ -49,18 +50,8 @@ def _wait_exit(e: Exporter, timeout: float) -> float:
     return time.monotonic() - t0
 
 
-def _blackhole(ns: Netns) -> None:
-    """Route 10.98.0.0/24 to a neighbour that never answers (a veth end with no address): lookups time out."""
-    ns.exec(["ip", "link", "add", "bh0", "type", "veth", "peer", "name", "bh1"])
-    ns.exec(["ip", "addr", "add", "10.97.0.1/24", "dev", "bh0"])
-    ns.exec(["ip", "link", "set", "bh0", "up"])
-    ns.exec(["ip", "link", "set", "bh1", "up"])
-    ns.exec(["ip", "neigh", "add", "10.97.0.2", "lladdr", "02:00:00:00:00:99", "dev", "bh0", "nud", "permanent"])
-    ns.exec(["ip", "route", "add", "10.98.0.0/24", "via", "10.97.0.2"])
-
-
 def test_sigterm_exits_within_2s_closes_connections_and_removes_table(netns: Netns) -> None:
-    _blackhole(netns)
+    blackhole(netns)
     # DNS probes in flight at SIGTERM: every lookup is waiting in a 5 s timeout when the signal comes.
     probes = ["--collector.dns", "--probe.timeout=5s", "--probe.interval=200ms",
               *[f"--probe.server=10.98.0.{i}" for i in range(2, 12)]]

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.test_web_lifecycle import _blackhole
 from tests.support.exporter_proc import Exporter
 from tests.support.netns import Netns
-from tests.support.scrapeload import proc_status, scrape_load
+from tests.support.scrapeload import blackhole, proc_status, scrape_load
 
 pytestmark = pytest.mark.netns
 
@@ -33,7 +32,7 @@ BLACKHOLES = [f"10.98.0.{i}" for i in range(2, 42)]
 def storm(netns: Netns) -> Iterator[Exporter]:
     if shutil.which("dnsmasq") is None:
         pytest.skip("needs dnsmasq")
-    _blackhole(netns)
+    blackhole(netns)
     dnsmasq = netns.popen(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--port=5353",
                            "--listen-address=127.0.0.1", "--bind-interfaces", "--address=/#/192.0.2.1",
                            "--pid-file=", "--user=root"], stderr=open("/dev/null", "w"))

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -85,3 +86,14 @@ def proc_status(pid: int) -> dict[str, int]:
             if key in ("Threads", "VmRSS", "VmHWM"):
                 out[key] = int(rest.split()[0])
     return out
+
+
+def blackhole(ns: Any, prefix: str = "10.98.0.0/24") -> None:
+    """In namespace `ns` (a tests.support.netns.Netns), route `prefix` to a neighbour that never answers:
+    a veth whose other end has no address discards the frames, so sends succeed and lookups time out."""
+    ns.exec(["ip", "link", "add", "bh0", "type", "veth", "peer", "name", "bh1"])
+    ns.exec(["ip", "addr", "add", "10.97.0.1/24", "dev", "bh0"])
+    ns.exec(["ip", "link", "set", "bh0", "up"])
+    ns.exec(["ip", "link", "set", "bh1", "up"])
+    ns.exec(["ip", "neigh", "add", "10.97.0.2", "lladdr", "02:00:00:00:00:99", "dev", "bh0", "nud", "permanent"])
+    ns.exec(["ip", "route", "add", prefix, "via", "10.97.0.2"])
