@@ -16,6 +16,7 @@ Other code (the end-to-end test) imports `render_groups()` to get a copy with a 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -174,15 +175,36 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
     ]
 
 
+_DURATION = re.compile(r"^(\d+)([smh])$")
+_RANGE = re.compile(r"\[(\d+)([smh])\]")
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _scaled(amount: str, unit: str, scale: float) -> str:
+    return f"{max(1, round(int(amount) * _SECONDS[unit] * scale))}s"
+
+
 def render_groups(job: str = DEFAULT_JOB, runbook_base_url: str = RUNBOOK_BASE_URL,
-                  for_override: str | None = None) -> list[dict[str, Any]]:
-    """Rule groups; `for_override` replaces every non-zero `for` (the end-to-end test uses a few seconds)."""
+                  for_override: str | None = None, time_scale: float | None = None,
+                  extra_labels: dict[str, str] | None = None, group_prefix: str = "") -> list[dict[str, Any]]:
+    """Rule groups. For tests that cannot wait minutes: `for_override` replaces every non-zero `for`;
+    `time_scale` multiplies every `for` and every range window (1/60: 5m -> 5s), so the same rules pend, fire
+    and resolve in seconds against a fast-scraping Prometheus; `extra_labels`/`group_prefix` tell such a copy
+    apart when it is loaded next to the shipped rules."""
     groups = rules(job, runbook_base_url)
-    if for_override is not None:
-        for g in groups:
-            for r in g["rules"]:
+    for g in groups:
+        g["name"] = group_prefix + g["name"]
+        for r in g["rules"]:
+            if time_scale is not None:
+                r["expr"] = _RANGE.sub(lambda m: f"[{_scaled(m.group(1), m.group(2), time_scale)}]", r["expr"])
                 if "for" in r:
-                    r["for"] = for_override
+                    m = _DURATION.match(r["for"])
+                    assert m, r["for"]
+                    r["for"] = _scaled(m.group(1), m.group(2), time_scale)
+            if for_override is not None and "for" in r:
+                r["for"] = for_override
+            if extra_labels:
+                r["labels"] = {**r["labels"], **extra_labels}
     return groups
 
 

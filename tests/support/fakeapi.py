@@ -143,8 +143,9 @@ class _Event:
 
 
 class FakeAPI:
-    def __init__(self, bookmark_interval: float = 1.0) -> None:
+    def __init__(self, bookmark_interval: float = 1.0, host: str = "127.0.0.1") -> None:
         self.bookmark_interval = bookmark_interval
+        self.host = host  # e.g. the lab's root-side link address, for an exporter in the lab's node namespace
         self.port = 0
         self.requests: list[Request] = []
         self._cond = threading.Condition()
@@ -166,7 +167,7 @@ class FakeAPI:
         class Handler(_Handler):
             fake = api
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler, bind_and_activate=False)
+        server = ThreadingHTTPServer((self.host, self.port), Handler, bind_and_activate=False)
         server.allow_reuse_address = True
         server.daemon_threads = True
         server.server_bind()
@@ -197,7 +198,7 @@ class FakeAPI:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def write_kubeconfig(self, path: str, token: str = "test-token") -> str:
         cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "fake", "preferences": {},

@@ -200,3 +200,24 @@ def test_waiting_alerts_are_checked_pending_before_their_for() -> None:
                     silent_before = [t for t, fires in times if not fires and t < min(firing)]
                     found |= bool(silent_before) and min(firing) - max(silent_before) <= minutes
         assert found, f"{name}: no silent evaluation less than its for ({for_}) before it fires"
+
+
+@needs_promtool
+def test_accelerated_copy_scales_every_window_and_for_and_stays_valid(tmp_path: Path) -> None:
+    """The end-to-end test's copy: same rules with time divided by 60, labelled apart from the shipped ones."""
+    gen = load_generator()
+    fast = gen.render_groups(time_scale=1 / 60, extra_labels={"ruleset": "accelerated"}, group_prefix="fast.")
+    shipped = yaml.safe_load(RULES.read_text())["groups"]
+    for g_fast, g in zip(fast, shipped, strict=True):
+        assert g_fast["name"] == "fast." + g["name"]
+        for r_fast, r in zip(g_fast["rules"], g["rules"], strict=True):
+            assert r_fast["alert"] == r["alert"]
+            assert r_fast["labels"] == {**r["labels"], "ruleset": "accelerated"}
+            windows = re.findall(r"\[(\d+)m\]", r["expr"])
+            assert re.findall(r"\[(\d+)s\]", r_fast["expr"]) == windows, r["alert"]  # 5m -> 5s
+            if "for" in r:
+                assert r_fast["for"] == r["for"].replace("m", "s")
+    f = tmp_path / "fast.yaml"
+    f.write_text(gen.rule_file_text(fast))
+    r = subprocess.run(["promtool", "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
