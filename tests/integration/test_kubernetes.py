@@ -319,7 +319,7 @@ def test_403_logs_the_missing_rbac_rule_once(cluster: Cluster, kubeconfig: str, 
         assert value(s, UP) == 0
         assert (cluster.server("127.0.0.11"), "endpoint") not in probed(s)
         assert (static.address, "static") in probed(s)
-        lines = [ln for ln in exp.stderr().splitlines() if "403" in ln]
+        lines = [ln for ln in exp.stderr().splitlines() if "(403)" in ln or "Forbidden" in ln]
         assert len(lines) == 1, lines
         for word in ("list", "endpointslices", "discovery.k8s.io", "namespace kube-system", "watch"):
             assert word in lines[0], (word, lines[0])
