@@ -2,20 +2,32 @@
 
 The table breakdown (`exporter.collectors.table`) needs every entry of a table that can hold hundreds of
 thousands. pyroute2's generic decoder builds a nested object per entry (about 150 µs each, 40 s for a
-full table). This parser instead `recv_into`s one reused buffer and reads, with `struct.unpack_from` at
+full table). This parser instead `recv_into`s reused buffers and reads, with `struct.unpack_from` at
 known offsets, only what the breakdown needs:
 
 - the original tuple: source address, protocol number, destination port;
 - the reply tuple's source address, only for DNS entries when stale-DNS checking is on;
 - CTA_STATUS (SEEN_REPLY / ASSURED bits) and, for TCP, CTA_PROTOINFO_TCP_STATE.
 
+Most entries (IPv4/IPv6 TCP and UDP without zones) are laid out by the kernel at fixed offsets: one
+`unpack_from` reads the header fields and values of both tuples and the status, and every attribute
+header on the way is compared with what it must be; anything else (ICMP, zones, other kernels' layouts)
+falls back to walking the attributes, with identical results (a unit test holds them equal).
+
 It keeps counters in a few small dicts keyed by ints, never an object per entry, so memory does not grow
 with the table. Source addresses are only counted when they belong to a known pod (the pod map at scan
 start), so that dict is bounded by the pods on the node, not by the number of distinct sources.
 
-No kernel-side filter is used: every aggregate covers the whole table, so every entry has to come
-across. What the kernel does for us: one AF_UNSPEC dump (IPv4 and IPv6 in one pass) and, because the
-receive buffer is large, datagrams of about 32 KB (over 100 entries per system call).
+The kernel builds each dump datagram inside the `recv` call, without the GIL: a second thread receives
+the next datagrams (a few reused 64 KB buffers) while the scanning thread parses, so the kernel's half
+of the work overlaps ours. The scanning thread also sleeps briefly every few datagrams, and both
+release the GIL at every `recv`, so scrapes served meanwhile are not held up.
+
+Kernel-side filtering: none. Every aggregate covers the whole table, so every entry has to come across;
+CTA_FILTER / mark / zone filters would only drop entries we need, and the kernel walks its whole
+(all-namespace) hash table whatever the filter. What the kernel does do for us: one AF_UNSPEC dump (IPv4
+and IPv6 in one pass) and, because the receive buffer is large, datagrams of about 32 KB (over 100
+entries per system call).
 
 A dump the kernel interrupts (ENOBUFS, EINTR, EBUSY, or a message flagged NLM_F_DUMP_INTR) is
 restarted once from scratch; a second interruption, a scan exceeding its time cap, or a garbled or
