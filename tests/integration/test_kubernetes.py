@@ -180,10 +180,11 @@ def test_initial_list_probes_service_ip_and_ready_endpoints(cluster: Cluster, ku
     # list, then a watch from the list's resourceVersion with bookmarks: the informer pattern.
     lists, watches = cluster.api.calls("endpointslices", "list"), cluster.api.calls("endpointslices", "watch")
     assert lists[0].query["labelSelector"] == f"kubernetes.io/service-name={SVC}"
-    assert watches and watches[0].query["allowWatchBookmarks"] == "true"
+    assert len(watches) == 1 and watches[0].query["allowWatchBookmarks"] == "true"
     assert int(watches[0].query["resourceVersion"]) >= 1000
     assert cluster.api.calls("pods", "list")[0].query["fieldSelector"] == f"spec.nodeName={NODE}"
-    assert len(cluster.api.calls("services", "get")) >= 1
+    # No polling: one list, one watch, one Service GET for the whole run (bookmarks kept the watch fresh).
+    assert len(lists) == 1 and len(cluster.api.calls("services", "get")) == 1
 
 
 def test_watch_added_modified_deleted(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:

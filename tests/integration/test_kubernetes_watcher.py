@@ -147,3 +147,24 @@ def test_paged_list_and_missing_service(api: FakeAPI, tmp_path: Any) -> None:
         wait_for(lambda: w.state.up, what="kubernetes up")
     finally:
         w.stop(1.0)
+
+
+def test_bookmarks_advance_the_resume_point(api: FakeAPI, watcher: tuple[kube.KubeWatcher, AppContext]) -> None:
+    """A quiet watch still moves forward with the server's bookmarks, so after a cut it resumes from a recent
+    resourceVersion (not one the server may already have compacted away)."""
+    w, _ = watcher
+    api.put(service(NS, SVC, "10.96.0.10"))
+    w.start()
+    wait_for(lambda: len(api.calls("endpointslices", "watch")) == 1, what="slice watch open")
+    first = int(api.calls("endpointslices", "watch")[0].query["resourceVersion"])
+    for i in range(3):  # changes elsewhere move the global resourceVersion, not the slices
+        api.put(pod("default", f"web-{i}", NODE, f"10.244.1.{i + 1}"))
+    latest = api.resource_version
+    time.sleep(1.2)  # > bookmark interval (0.5 s)
+    api.compact()
+    api.drop_watches()
+    wait_for(lambda: len(api.calls("endpointslices", "watch")) == 2, what="re-watch")
+    resumed = int(api.calls("endpointslices", "watch")[1].query["resourceVersion"])
+    assert resumed >= latest > first
+    time.sleep(0.3)
+    assert len(api.calls("endpointslices", "list")) == 1, "resumed from the bookmark: no 410, no relist"
