@@ -154,6 +154,12 @@ class DnsServer:
             self._call(close)
             closed.wait(5)
 
+    def wait_idle(self, timeout: float = 2.0) -> None:
+        """Wait until the server holds no TCP connection (the client closed; the server saw EOF)."""
+        deadline = time.monotonic() + timeout
+        while self._conns and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def logged(self, transport: str | None = None) -> list[QueryLog]:
         with self._lock:
             return [q for q in self.queries if transport is None or q.transport == transport]

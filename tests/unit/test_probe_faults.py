@@ -256,11 +256,13 @@ def test_no_socket_leak_over_many_faulty_lookups(server: DnsServer, probe: Probe
         server.set(**behaviour)
         for mode in MODES:
             probe.run(mode, timeout=0.05)
+    server.wait_idle()  # the server's side of closed TCP connections is not the prober's
     assert open_fds() == before
     server.set(truncate=True, tcp=False)  # closes the server's own TCP listener: a new baseline
     before = open_fds()
     for mode in MODES:
         probe.run(mode, timeout=0.05)
+    server.wait_idle()
     assert open_fds() == before
 
 
@@ -275,7 +277,14 @@ def test_random_reply_bytes_never_escape_or_leak(server: DnsServer, probe: Probe
 
     server.set(extra=extra, suppress_answer=not real)
     before = open_fds()
-    r = asyncio.run(lookup(server.host, server.port, NAME, "parallel", 0.05, 1))
+
+    async def probe_and_count_tasks() -> tuple[ProbeResult, int]:
+        result = await lookup(server.host, server.port, NAME, "parallel", 0.05, 1)
+        return result, len(asyncio.all_tasks())
+
+    r, tasks = asyncio.run(probe_and_count_tasks())
+    assert tasks == 1, "a lookup must not leave tasks behind"
+    server.wait_idle()
     assert open_fds() == before
     if real:
         assert r.ok
