@@ -121,6 +121,7 @@ class TableScanService:
 
     def start(self) -> None:
         self._stop.clear()
+        self.scanner.resume()
         self._thread = threading.Thread(target=self._loop, name="table-scan", daemon=True)
         self._thread.start()
 

@@ -477,7 +477,11 @@ class Scanner:
         self._reader_cpu = 0.0
 
     def abort(self) -> None:
+        """Stop a scan in progress (it returns reason "stopped"), and every later one until `resume()`."""
         self._stop.set()
+
+    def resume(self) -> None:
+        self._stop.clear()
 
     def scan(self, source_keys: Iterable[bytes] = (), dns_servers: Iterable[bytes] | None = None) -> ScanResult:
         keys = list(source_keys)

@@ -8,9 +8,12 @@ dump cut or corrupted on purpose (their descriptions say how).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -19,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.collectors.base import ScrapeWrapper
-from exporter.collectors.table import TableCollector, TableScanService
+from exporter.collectors.table import TableCollector, TableScanService, summarize
 from exporter.probes.targets import Target, TargetRegistry
 from exporter.sources import ctdump
 from exporter.sources.ctdump import DumpParser, ReplaySocket, Scanner, ip_key
@@ -32,6 +36,7 @@ from tests.integration.test_table_scan import reference
 from tests.support.exporter_proc import Exporter, value
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -267,3 +272,40 @@ def test_bad_flag_values_exit_with_one_line(flag: str) -> None:
                        cwd=Path(__file__).resolve().parent.parent.parent)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and flag.split("=")[0] in r.stderr
+
+
+def test_golden_exposition() -> None:
+    """The exposition is a contract (alerts, dashboard): compare with tests/golden/table-mixed.prom.
+
+    UPDATE_GOLDEN=1 rewrites it; `promtool check metrics` lints it when promtool is installed.
+    """
+    pods = PodIndex()
+    pods.replace([("127.0.0.1", "default", "web-0"), ("198.18.0.1", "shop", "cart")])
+    keys = {ip_key(ip): pod for ip, pod in pods.snapshot().items()}
+    result = replay(datagrams("table-mixed.json")).scan(keys, [ip_key("127.0.0.1")])  # type: ignore[list-item]
+    result = dataclasses.replace(result, started=1_790_000_000.0, duration=0.25)
+    svc = TableScanService(replay([]))
+    svc._latest = summarize(result, keys, 10)  # type: ignore[arg-type]
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Adapter(TableCollector(svc)))
+    text = generate_latest(reg).decode()
+    golden = GOLDEN / "table-mixed.prom"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian package prometheus) not installed: golden compared, not linted")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, text=True, capture_output=True, timeout=30)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+
+class _Adapter:
+    def __init__(self, collector: TableCollector) -> None:
+        self._c = collector
+
+    def collect(self) -> Any:
+        return self._c.collect()
+
+    def describe(self) -> list[Any]:
+        return []
