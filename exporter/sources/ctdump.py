@@ -629,7 +629,7 @@ class _PipelinedReader:
 
     def next(self, timeout: float) -> tuple[bytearray, int]:
         try:
-            buf, n, err = self._full.get(timeout=max(timeout, 0.001))
+            buf, n, err = self._full.get(timeout=max(timeout, 0.05))
         except queue.Empty:
             raise TimeoutError from None
         if err is not None:
