@@ -10,7 +10,7 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-RUN python -m pip install build==1.2.2.post1
+RUN python -m pip install build==1.6.1
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
 RUN python -m build --wheel --outdir /dist . \
