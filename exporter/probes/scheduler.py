@@ -61,6 +61,7 @@ class ProbeService:
         self._wake: asyncio.Event | None = None
         self._stopping = threading.Event()
         self._resolv_error: str | None = None
+        self._state: dict[tuple[str, str, str, str], str] = {}  # last failure summary per probe, for logs
         self.rounds = 0
 
     # Service -------------------------------------------------------------------------------------
@@ -103,7 +104,9 @@ class ProbeService:
     def round(self, sem: asyncio.Semaphore, running: dict[object, asyncio.Task[None]]) -> None:
         self._refresh_resolvconf()
         snapshot = self.targets.snapshot()
-        self.store.retain({(t.server, t.kind) for t in snapshot})
+        live = {(t.server, t.kind) for t in snapshot}
+        self.store.retain(live)
+        self._state = {k: v for k, v in self._state.items() if (k[0], k[1]) in live}
         for key in [k for k, task in running.items() if task.done()]:
             del running[key]
         for t in snapshot:
@@ -167,8 +170,16 @@ class ProbeService:
     async def _probe_mode(self, t: Target, key: tuple[str, str], mode: str, sem: asyncio.Semaphore) -> None:
         for name in self.config.names:
             r = await self._lookup(sem, t, name, mode)
-            if (t.server, t.kind) in {(x.server, x.kind) for x in self.targets.snapshot()}:
-                self.store.record(key, r)
+            if (t.server, t.kind) not in {(x.server, x.kind) for x in self.targets.snapshot()}:
+                return  # removed while we waited: its series are gone, do not bring them back
+            self.store.record(key, r)
+            failing = ",".join(sorted({f"{q}={o.reason}" for q, o in r.outcomes.items() if o.reason}))
+            state_key = (t.server, t.kind, mode, name)
+            if self._state.get(state_key, "") != failing:
+                if failing or state_key in self._state:
+                    log.warning("probe %s", f"failing: {failing}" if failing else "recovered", extra={"kv": {
+                        "server": t.server, "kind": t.kind, "mode": mode, "name": name}})
+                self._state[state_key] = failing
 
     async def _probe_search(self, name: str, sem: asyncio.Semaphore) -> None:
         await self._jitter()
