@@ -122,7 +122,7 @@ def _keep_full(ns: str, stop: threading.Event) -> None:
     would find a free slot after each eviction and the failure would not reproduce.
     """
     limit, index = _limit(), 4 * _limit()
-    while not stop.wait(0.1):
+    while not stop.wait(0.02):
         need = limit - ctfill.count(ns)
         if need > 0:
             ctfill.fill(ns, need + 8, start=index)
@@ -214,14 +214,17 @@ def test_keepalive_scrapes_keep_succeeding_at_full_table(fulltable: dict[str, An
     prom: Prometheus = fulltable["prom"]
     a, b = fulltable["a"], fulltable["b"]
     # Wait until at least 3 scrapes of each target happened after the fill, then look at all of them.
-    time.sleep(max(0.0, fulltable["fill_end"] + 7.0 - time.time()))
+    time.sleep(max(0.0, fulltable["fill_end"] + 9.0 - time.time()))
     window = f"{int(time.time() - fulltable['fill_end'])}s"
     ok = prom.query(f"min_over_time(up[{window}])")
-    fails = prom.query(f"max_over_time(up[{window}])")
+    control = prom.query(f"avg_over_time(up[{window}])")
     samples = prom.query(f"count_over_time(up[{window}])")
     assert samples.get(a, 0) >= 3 and samples.get(b, 0) >= 3, samples
     assert ok.get(a) == 1.0, f"keep-alive target missed a scrape with the table full: {ok}"
-    assert fails.get(b) == 0.0, f"the keep-alive-off control scraped fine at 100%, so this test proves nothing: {fails}"
+    # The control needs a new connection per scrape. The kernel may evict one of its own old TIME_WAIT
+    # entries (early drop) and let a rare SYN through, so "fails" means: most scrapes fail.
+    assert control.get(b, 1.0) <= 0.34, (
+        f"the keep-alive-off control mostly scraped fine at 100% (up avg {control.get(b)}): this test proves nothing")
     # What Prometheus scraped says "table full", not "exporter down".
     full = prom.query("conntrack_entries - conntrack_entries_limit")
     assert full.get(a) == 0.0, f"scraped conntrack_entries != conntrack_entries_limit: {full}"
