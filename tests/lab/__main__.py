@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tests.lab import faults
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p_d = sub.add_parser("demo", help="lab + exporter + Prometheus + Alertmanager with a live summary")
     p_d.add_argument("--scenario", default=None, help=f"a fault to walk through: {', '.join(faults.SCENARIOS)}")
     p_d.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
-    p_d.add_argument("--interval", type=float, default=5.0, help="seconds between summaries")
+    p_d.add_argument("--interval", type=float, default=float(os.environ.get("DEMO_INTERVAL", "5")),
+                     help="seconds between summaries (env DEMO_INTERVAL; default 5)")
     a = ap.parse_args(argv)
 
     try:

@@ -156,7 +156,7 @@ def _timeline(seconds: float | None) -> tuple[float, float]:
     """When the fault goes in and when it is healed (seconds from start)."""
     if seconds is None:
         return 30.0, 150.0
-    return max(5.0, seconds * 0.25), max(10.0, seconds * 0.7)
+    return max(5.0, seconds * 0.2), max(10.0, seconds * 0.7)
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
@@ -300,6 +300,11 @@ def run_demo(scenario: str | None = None, seconds: float | None = None, interval
                 print(f"--- t={elapsed:.0f}s injecting fault: {scenario} {' '.join(args)}", flush=True)
                 lab.fault(scenario, *args)
                 state = "fault"
+                # Injecting can take a while (filling the table); leave two scrapes after it before healing,
+                # so Prometheus and the summary show the fault, but heal before the end.
+                done = time.monotonic() - start
+                limit = seconds - 7 if seconds is not None else float("inf")
+                heal_at = max(heal_at, min(done + 2 * 5 + 1, limit))
                 phase = f"FAULT {scenario} {' '.join(args)} (heal at t={heal_at:.0f}s)"
             elif state == "fault" and elapsed >= heal_at:
                 print(f"--- t={elapsed:.0f}s healing: {scenario}", flush=True)

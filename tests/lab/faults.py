@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,16 +105,62 @@ def stop_background(lab: Lab) -> None:
     r = lab._threads.pop("race", None)
     if r is not None:
         r.stop()
+    _stop_filler(lab)
 
 
 # ---- table-full -------------------------------------------------------------------------------------------
+class TableFiller:
+    """Keeps the node table at its target while the fault lasts: real flows time out and free slots (UDP
+    after 30 s), and in the field constant churn refills them at once; here a top-up every 0.2 s does."""
+
+    def __init__(self, ns: str, target: int) -> None:
+        self.ns, self.target = ns, target
+        self._offset = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True, name="table-full")
+
+    def top_up(self) -> int:
+        have = ctfill.count(self.ns)
+        for _ in range(8):
+            if have >= self.target:
+                break
+            need = self.target - have
+            ctfill.fill(self.ns, need, start=self._offset)
+            self._offset += need
+            have = ctfill.count(self.ns)
+        return have
+
+    def start(self) -> None:
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            with contextlib.suppress(OSError):
+                self.top_up()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+
+
 def _table_full(lab: Lab, args: list[str]) -> int:
     pct = _int_arg(args, 0, "PERCENT", 1, 100)
-    target = conntrack_max() * pct // 100
-    return ctfill.fill_to(lab.node.name, target)
+    _stop_filler(lab)
+    filler = TableFiller(lab.node.name, conntrack_max() * pct // 100)
+    have = filler.top_up()
+    lab._threads["table-full"] = filler
+    filler.start()
+    return have
+
+
+def _stop_filler(lab: Lab) -> None:
+    f = lab._threads.pop("table-full", None)
+    if f is not None:
+        f.stop()
 
 
 def _heal_table_full(lab: Lab) -> None:
+    _stop_filler(lab)
     ctfill.drain(lab.node.name)
 
 
