@@ -9,7 +9,7 @@ deps:
 	@bash scripts/bootstrap.sh
 
 lint: deps
-	$(VENV)/bin/ruff check exporter tests bench
+	$(VENV)/bin/ruff check exporter tests bench scripts
 	$(VENV)/bin/mypy
 
 ## make test: the whole suite (lint, types, unit, namespace integration, lab, end-to-end)
