@@ -4,6 +4,8 @@ and shut down cleanly on SIGTERM/SIGINT (within 2 s: DaemonSet rollouts wait for
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import platform
 import signal
 import sys
@@ -88,10 +90,23 @@ def run(args: argparse.Namespace) -> int:
         registry.register(exempt)
         services.append(exempt)
     try:
-        return _serve(server, services, collectors, host)
+        code = _serve(server, services, collectors, host)
     finally:
         if exempt is not None:
             exempt.remove()
+    _exit_if_threads_linger(code)
+    return code
+
+
+def _exit_if_threads_linger(code: int) -> None:
+    """Python waits for non-daemon threads at exit; one stuck in a blocking call would hold the pod in
+    Terminating until the grace period ends. Exit now instead (everything that matters is done)."""
+    lingering = [t.name for t in threading.enumerate()
+                 if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+    if lingering:
+        log.warning("exiting with threads still running: %s", ",".join(lingering))
+        logging.shutdown()
+        os._exit(code)
 
 
 def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list[Collector], host: str) -> int:
