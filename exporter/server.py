@@ -336,8 +336,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             encoder, content_type = choose_encoder(accept)
             body = self.server.exposition.render(content_type, encoder)
-        except Exception:  # never a traceback in a response
-            log.exception("exposition failed")
+        except Exception as e:  # never a traceback in a response (collectors are wrapped; this is a last resort)
+            log.error("exposition failed: %s: %s", type(e).__name__, e)
             self._send(500, b"internal error while collecting metrics; see the exporter's log\n",
                        "text/plain; charset=utf-8")
             return
