@@ -3,6 +3,7 @@ namespace with real DNS queries through real DNAT, conntrack and DNS daemons (dn
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from tests.lab import FaultError, Lab
 from tests.lab.dnsq import query, success_ratio
 from tests.lab.topology import ALIAS_TAG, RUN_ROOT, STALE_IP
+from tests.support.exporter_proc import parse
 from tests.support.netns import run
 
 pytestmark = [pytest.mark.netns, pytest.mark.lab]
@@ -227,3 +229,22 @@ def test_cli_and_down_after_a_killed_run_leave_nothing() -> None:
         assert _leftovers(prefix) == []
     finally:
         subprocess.run([*cli, "down", "--prefix", prefix], cwd=REPO, capture_output=True, timeout=60)
+
+
+def test_exporter_runs_in_the_node_namespace_and_is_reachable_from_root(healthy_lab: Lab) -> None:
+    """What Prometheus does in `make demo`: scrape across the root<->node veth and see the node's table."""
+    lab = healthy_lab
+    exp = lab.start_exporter()
+    try:
+        filled = lab.fault("table-full", 10)
+        conn = http.client.HTTPConnection(lab.host_node_ip, exp.port, timeout=10)
+        conn.request("GET", "/metrics")
+        samples = parse(conn.getresponse().read().decode())
+        conn.close()
+        entries = sum(v for (name, _), v in samples.items() if name == "conntrack_entries")
+        assert filled <= entries <= filled + 200
+        root_count = int(Path("/proc/sys/net/netfilter/nf_conntrack_count").read_text())
+        assert abs(root_count - entries) > 1000, "the exporter must see the node namespace's table"
+    finally:
+        exp.stop()
+        lab.heal("table-full")

@@ -50,7 +50,7 @@ SEARCH = ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
 HOST_LINK_BASE = int(ipaddress.IPv4Address("169.254.128.0"))
 HOST_LINK_SLOTS = 8192  # /30s in 169.254.128.0/17
 
-REQUIRED_BINARIES = ("ip", "nft", "dnsmasq", "unbound")
+REQUIRED_BINARIES = ("ip", "nft", "dnsmasq", "unbound", "conntrack")
 _instances = 0
 
 
@@ -312,12 +312,16 @@ class Lab:
         conf.write_text(configs.unbound_nodelocal(str(self.run_dir), NODELOCAL_IP, NODE_IP, SERVICE_IP))
         self.spawn("nodelocal", self.node, ["unbound", "-d", "-c", str(conf)])
 
-    def start_exporter(self, *args: str, port: int = 19153, wait: bool = True) -> Any:
-        """`python -m exporter` in the node namespace (as under hostNetwork), on 0.0.0.0:<port> there.
+    def start_exporter(self, *args: str, port: int | None = None, wait: bool = True) -> Any:
+        """`python -m exporter` in the node namespace (as under hostNetwork), on 0.0.0.0:<port> there
+        (default 19153, or the next port not used by another running exporter of this lab).
 
         Reachable from the root namespace at http://<host_node_ip>:<port>/metrics; stopped at down()."""
         from tests.support.exporter_proc import Exporter
 
+        if port is None:
+            busy = {e.port for e in self._exporters if e.proc.poll() is None}
+            port = next(p for p in range(19153, 19253) if p not in busy)
         exp = Exporter([*args, f"--web.listen-address=0.0.0.0:{port}"], netns=self.node, port=port)
         self._exporters.append(exp)
         (self.run_dir / "pids" / f"exporter-{exp.proc.pid}.pid").write_text(str(exp.proc.pid))
