@@ -55,7 +55,6 @@ def _check(body: bytes) -> str | None:
     return None
 
 
-@pytest.mark.slow
 def test_twenty_scrapers_during_a_probe_storm(storm: Exporter, netns: Netns) -> None:
     e = storm
     silent = []
