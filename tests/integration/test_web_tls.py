@@ -13,6 +13,7 @@ import base64
 import http.client
 import json
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -161,6 +162,21 @@ def test_plain_http_is_refused_and_counted(tls_exporter: tuple[Exporter, Path],
     body = _https(e.port, _client_ctx(certs), "/metrics", _basic("prometheus", PASSWORD))[2].decode()
     line = next(x for x in body.splitlines() if x.startswith("conntrack_dns_exporter_web_tls_handshake_errors_total"))
     assert float(line.split()[1]) >= 1
+
+
+def test_client_that_never_starts_tls_does_not_block_others(tls_exporter: tuple[Exporter, Path],
+                                                             certs: dict[str, tuple[Path, Path]]) -> None:
+    """Handshakes run on the connection's own thread: a stalled one never holds up the accept loop."""
+    e, _ = tls_exporter
+    stalled = [socket.create_connection(("127.0.0.1", e.port)) for _ in range(3)]
+    try:
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert _https(e.port, _client_ctx(certs), "/-/healthy")[0] == 200
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        for s in stalled:
+            s.close()
 
 
 def test_certificate_rotation_without_restart(certs: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
