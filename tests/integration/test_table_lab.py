@@ -23,7 +23,6 @@ from tests.lab.topology import STALE_IP
 from tests.support.exporter_proc import Exporter, parse, value
 
 pytestmark = [pytest.mark.netns, pytest.mark.lab]
-PORT = 19177
 
 
 def send_queries(lab: Lab, n: int) -> None:
@@ -73,7 +72,7 @@ def test_stale_dns_entries_after_the_stale_endpoint_fault(healthy_lab: Lab) -> N
         args.append(f"--probe.nodelocal={lab.nodelocal_ip}")
     # a clean slate: earlier lab tests may have left unreplied entries to the stale address (30 s timeout)
     lab.node.exec(["conntrack", "-D", "--reply-src", STALE_IP], check=False)
-    exp = lab.start_exporter(*args, port=PORT)
+    exp = lab.start_exporter(*args)
     try:
         send_queries(lab, 12)
         samples, lines = settled_scan(lab, exp)
