@@ -196,7 +196,45 @@ def _leftovers(prefix: str) -> list[str]:
     left += [f"link {ln['ifname']}" for ln in links if ln.get("ifalias", "").startswith(ALIAS_TAG + prefix)]
     left += [str(p) for p in RUN_ROOT.glob(f"{prefix}*")]
     left += [str(p) for p in Path("/etc/netns").glob(f"{prefix}*")]
+    tables = run(["nft", "list", "tables"], check=False).stdout.split()
+    left += [f"root nft table {t}" for t in ("kube-lab", "nodelocaldns", "lab-loss", "lab-slow") if t in tables]
     return left
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init to reap it; it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_down_after_a_sigkilled_owner_leaves_nothing() -> None:
+    """A process that built a lab (daemons, exporter, slow relays) dies by SIGKILL, as a killed pytest would."""
+    prefix = f"cdlabj{os.getpid()}"
+    code = (f"import time; from tests.lab import Lab; lab = Lab.up(prefix={prefix!r}); lab.start_exporter(); "
+            "lab.fault('slow-backend', 50); lab.fault('loss', 10); print('ready', flush=True); time.sleep(300)")
+    owner = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert _leftovers(prefix)
+        # every process inside the lab's namespaces, including those whose command line does not name it
+        pids = [int(p) for ln in run(["ip", "netns", "list"]).stdout.splitlines() if ln.startswith(prefix)
+                for p in run(["ip", "netns", "pids", ln.split()[0]]).stdout.split()]
+        cmds = [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode() for p in pids]
+        assert any("-m exporter" in c for c in cmds) and sum("dnsmasq" in c for c in cmds) >= 2, cmds
+        r = subprocess.run([sys.executable, "-m", "tests.lab", "down", "--prefix", prefix], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert _leftovers(prefix) == []
+        assert [p for p in pids if _running(p)] == []
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        subprocess.run([sys.executable, "-m", "tests.lab", "down", "--prefix", prefix], cwd=REPO,
+                       capture_output=True, timeout=60)
 
 
 def test_cli_and_down_after_a_killed_run_leave_nothing() -> None:
