@@ -286,3 +286,26 @@ def test_exporter_runs_in_the_node_namespace_and_is_reachable_from_root(healthy_
     finally:
         exp.stop()
         lab.heal("table-full")
+
+
+def test_a_new_lab_reaps_labs_of_dead_owners() -> None:
+    """The next Lab.up() (e.g. the next pytest session) removes what a SIGKILLed session left behind."""
+    code = ("import time; from tests.lab import Lab; lab = Lab.up(backends=1, nodelocal=False); "
+            "print(lab.prefix, flush=True); time.sleep(300)")
+    owner = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    prefix = owner.stdout.readline().strip()
+    try:
+        assert prefix == f"cdlab{owner.pid}x0"
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert _leftovers(prefix)
+        with Lab.up(backends=1, nodelocal=False) as other:
+            assert _leftovers(prefix) == []
+            assert query(other.pod.name, other.service_ip, other.cluster_name).ok
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        if prefix.startswith("cdlab"):
+            subprocess.run([sys.executable, "-m", "tests.lab", "down", "--prefix", prefix], cwd=REPO,
+                           capture_output=True, timeout=60)

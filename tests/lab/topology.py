@@ -18,10 +18,10 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,6 +130,7 @@ class Lab:
     def up(cls, prefix: str | None = None, backends: int = 2, nodelocal: bool = True) -> Lab:
         global _instances
         if prefix is None:
+            reap_orphans()
             prefix = f"cdlab{os.getpid()}x{_instances}"
             _instances += 1
         if backends < 1 or backends > 50:
@@ -525,5 +526,18 @@ def cleanup(prefix: str, *, exact: bool = False) -> list[str]:
     return removed
 
 
-def python() -> str:
-    return sys.executable
+_OWNED = re.compile(r"^cdlab(?:demo)?(\d+)(?:x\d+)?$")
+
+
+def reap_orphans() -> list[str]:
+    """Remove labs with a default prefix (cdlab<pid>x<n>, cdlabdemo<pid>) whose owning process is gone,
+    e.g. a SIGKILLed pytest. Labs of live processes and named labs (CLI) are left alone."""
+    prefixes = {d.name for d in RUN_ROOT.glob("cdlab*") if (d / "state.json").exists()}
+    listed = run(["ip", "netns", "list"], check=False).stdout.splitlines()
+    prefixes |= {ln.split()[0].rsplit("-", 1)[0] for ln in listed if ln.startswith("cdlab") and "-" in ln}
+    removed = []
+    for prefix in sorted(prefixes):
+        m = _OWNED.match(prefix)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            removed += cleanup(prefix, exact=True)
+    return removed
