@@ -186,6 +186,9 @@ class Lab:
         # root <-> node (for Prometheus); the root side is the only thing the lab puts in the root namespace
         run(["ip", "link", "add", self.host_link, "type", "veth", "peer", "name", "host0", "netns", node.name])
         run(["ip", "link", "set", self.host_link, "alias", ALIAS_TAG + self.prefix])
+        # no IPv6 link-local address on either end: nothing (router/neighbour solicitations) chatters across
+        run(["ip", "link", "set", self.host_link, "addrgenmode", "none"])
+        node.exec(["ip", "link", "set", "host0", "addrgenmode", "none"])
         run(["ip", "addr", "add", f"{self.host_root_ip}/30", "dev", self.host_link])
         run(["ip", "link", "set", self.host_link, "up"])
         self._addr(node, "host0", f"{self.host_node_ip}/30")
