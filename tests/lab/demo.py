@@ -177,7 +177,7 @@ def summary(lab: Lab, prom: Prom, am_port: int, client: PodClient, prev: dict[st
     stats = {r["metric"]["__name__"]: float(r["value"][1])
              for r in prom.query('sum by (__name__) ({__name__=~"conntrack_stat_.+_total"})')}
     deltas = []
-    for name in ("insert", "drop", "early_drop", "insert_failed", "clash_resolve", "invalid", "found"):
+    for name in ("drop", "early_drop", "insert_failed", "clash_resolve", "invalid", "found", "search_restart"):
         key = f"conntrack_stat_{name}_total"
         if key in stats:
             d = stats[key] - prev[key] if key in prev else None
