@@ -10,9 +10,10 @@ Metrics (from the last finished scan; nothing before the first one finishes):
 - `conntrack_table_entries{protocol,state}`: TCP by conntrack TCP state; UDP, ICMP, ICMPv6 and other
   protocols by `unreplied` (no reply seen) / `replied` / `assured` (from the entry's status bits);
 - `conntrack_table_dns_entries{transport}`: entries whose original destination port is 53;
-- `conntrack_table_stale_dns_entries`: DNS entries whose reply source (the server that actually answers,
-  after DNAT) is not a current probe target (DNS endpoints, service IPs, configured servers). Only
-  emitted while targets are known: with no targets every entry would look stale;
+- `conntrack_table_stale_dns_entries`: DNS entries addressed to a current probe target (DNS Service IP,
+  NodeLocal, configured servers) whose reply source (where DNAT sent them) is no current target (DNS
+  endpoints included): stale NAT after a rollout. DNS to other servers (CoreDNS's upstream queries
+  crossing the node, pods asking public resolvers) never counts. Only emitted while targets are known;
 - `conntrack_table_top_sources{namespace,pod}`: entries by original source address, for the top N pods
   (pod map at scan start), plus `namespace="",pod=""` for sources that are no known pod (no IP label, to
   keep cardinality bounded) and `namespace="",pod="other"` for the pods outside the top N;
@@ -215,8 +216,9 @@ class TableCollector:
         yield fam
         if snap.stale_dns is not None:
             yield GaugeMetricFamily("conntrack_table_stale_dns_entries",
-                                    "DNS conntrack entries whose reply source is not a current DNS endpoint or "
-                                    "configured server (stale NAT, e.g. after a DNS rollout).", value=snap.stale_dns)
+                                    "DNS conntrack entries addressed to a current DNS server but answered from an "
+                                    "address that is none of them (stale NAT, e.g. after a CoreDNS rollout).",
+                                    value=snap.stale_dns)
         fam = GaugeMetricFamily("conntrack_table_top_sources",
                                 "Conntrack entries by original source, for the pods with the most entries; "
                                 'pod="" for sources that are no known pod, pod="other" for the remaining pods.',

@@ -6,7 +6,7 @@ full table). This parser instead `recv_into`s reused buffers and reads, with `st
 known offsets, only what the breakdown needs:
 
 - the original tuple: source address, protocol number, destination port;
-- the reply tuple's source address, only for DNS entries when stale-DNS checking is on;
+- for DNS entries, when stale-DNS checking is on: the original destination and the reply source;
 - CTA_STATUS (SEEN_REPLY / ASSURED bits) and, for TCP, CTA_PROTOINFO_TCP_STATE.
 
 Most entries (IPv4/IPv6 TCP and UDP without zones) are laid out by the kernel at fixed offsets: one
@@ -79,7 +79,7 @@ CT_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 # enum ctattr_type / ctattr_tuple / ctattr_ip / ctattr_l4proto / ctattr_protoinfo(_tcp)
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
-CTA_IP_V4_SRC, CTA_IP_V6_SRC = 1, 3
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_DST_PORT = 1, 3
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
 IPS_SEEN_REPLY, IPS_ASSURED = 0x2, 0x4
@@ -124,7 +124,7 @@ _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 _FAST4 = struct.Struct("=IHH8xB3x" "III4s8x" "IIB3x8xIH2x" "I48x" "II")
 _FAST6 = struct.Struct("=IHH8xB3x" "III16s20x" "IIB3x8xIH2x" "I72x" "II")
 _FAST4_SIZE, _FAST6_SIZE = _FAST4.size, _FAST6.size
-_REPLY4_AT, _REPLY6_AT = 72, 96
+_ORIG_AT, _REPLY4_AT, _REPLY6_AT = 20, 72, 96
 _ORIG4, _ORIG6 = _hdr(52, CTA_TUPLE_ORIG | NLA_F_NESTED), _hdr(76, CTA_TUPLE_ORIG | NLA_F_NESTED)
 _REPLY4, _REPLY6 = _hdr(52, CTA_TUPLE_REPLY | NLA_F_NESTED), _hdr(76, CTA_TUPLE_REPLY | NLA_F_NESTED)
 _IP4, _IP6 = _hdr(20, CTA_TUPLE_IP | NLA_F_NESTED), _hdr(44, CTA_TUPLE_IP | NLA_F_NESTED)
@@ -187,7 +187,10 @@ class DumpParser:
 
     `source_keys`: packed addresses whose entries are counted per address (the pods); every other
     source only counts towards the total. `dns_servers`: packed addresses of the current DNS
-    endpoints/servers; when given, a DNS entry whose reply source is none of them counts as stale.
+    endpoints/servers; when given, a DNS entry addressed to one of them (original destination: the
+    Service IP, NodeLocal, a configured server) but answered from an address that is none of them
+    (reply source: where DNAT sent it) counts as stale. DNS to other servers (CoreDNS's own upstream
+    queries crossing the node, pods asking public resolvers) is not ours to judge and never counts.
     """
 
     def __init__(self, source_keys: Iterable[bytes] = (), dns_servers: Iterable[bytes] | None = None) -> None:
@@ -234,6 +237,7 @@ class DumpParser:
                         fast = True
                         tail = off + _FAST4_SIZE
                         reply_at = off + _REPLY4_AT
+                        orig_at = off + _ORIG_AT
                     elif fam == _AF_INET6 and off + _FAST6_SIZE <= n:
                         (mlen, mtype, mflags, fam, oh, ih, sh, src, ph, nh, proto, dh, dport, rh, sth,
                          status) = fast6(buf, off)
@@ -243,6 +247,7 @@ class DumpParser:
                             fast = True
                             tail = off + _FAST6_SIZE
                             reply_at = off + _REPLY6_AT
+                            orig_at = off + _ORIG_AT
                 if fast:
                     end = off + mlen
                     dport = dport == _DNS_NATIVE and DNS_PORT
@@ -275,7 +280,7 @@ class DumpParser:
                             return True
                         off += (mlen + 3) & ~3
                         continue
-                    proto, dport, status, tcp_state, src, reply_at = slow(buf, off + _ENTRY_ATTRS, end)
+                    proto, dport, status, tcp_state, src, orig_at, reply_at = slow(buf, off + _ENTRY_ATTRS, end)
                     if proto == PROTO_TCP:
                         key = 0x600 | (tcp_state if 0 <= tcp_state < 10 else 0xFF)
                     else:
@@ -285,7 +290,10 @@ class DumpParser:
                 states[key] = states.get(key, 0) + 1
                 if dport == DNS_PORT and proto in _DNS_PROTOS:
                     dns[proto] = dns.get(proto, 0) + 1
-                    if servers is not None and reply_at >= 0 and _reply_source(buf, reply_at, end) not in servers:
+                    # stale: addressed to a DNS server we know, answered by an address that is none of them
+                    if (servers is not None and reply_at >= 0
+                            and _tuple_address(buf, orig_at, end, True) in servers
+                            and _tuple_address(buf, reply_at, end, False) not in servers):
                         stale += 1
                 if count_sources:
                     c = sources.get(src)
@@ -299,10 +307,11 @@ class DumpParser:
             agg.stale_dns += stale
 
 
-def _slow_entry(buf: bytes | bytearray | memoryview, a: int, end: int) -> tuple[int, int, int, int, bytes, int]:
-    """Walk one entry's attributes: (protocol, dst port, status, tcp state, source, reply tuple offset)."""
+def _slow_entry(buf: bytes | bytearray | memoryview, a: int,
+                end: int) -> tuple[int, int, int, int, bytes, int, int]:
+    """Walk one entry's attributes: (protocol, dst port, status, tcp state, source, tuple offsets orig/reply)."""
     hh, mask = _HH, NLA_TYPE_MASK
-    proto = dport = status = tcp_state = reply_at = -1
+    proto = dport = status = tcp_state = orig_at = reply_at = -1
     src = b""
     while a + 4 <= end:
         alen, atype = hh(buf, a)
@@ -310,6 +319,7 @@ def _slow_entry(buf: bytes | bytearray | memoryview, a: int, end: int) -> tuple[
             raise ParseError(f"garbled conntrack attribute at offset {a} (length {alen})")
         atype &= mask
         if atype == CTA_TUPLE_ORIG:
+            orig_at = a
             te = a + alen
             p = a + 4
             while p + 4 <= te:
@@ -344,7 +354,7 @@ def _slow_entry(buf: bytes | bytearray | memoryview, a: int, end: int) -> tuple[
         a += (alen + 3) & ~3
     if proto < 0 or status < 0:
         raise ParseError(f"conntrack entry at offset {a} without original tuple or status")
-    return proto, dport, status, tcp_state, src, reply_at
+    return proto, dport, status, tcp_state, src, orig_at, reply_at
 
 
 def _first_address(buf: bytes | bytearray | memoryview, p: int, pe: int) -> bytes:
@@ -390,24 +400,30 @@ def _tcp_state(buf: bytes | bytearray | memoryview, a: int, end: int) -> int:
     return -1
 
 
-def _reply_source(buf: bytes | bytearray | memoryview, at: int, msg_end: int) -> bytes:
-    """The source address of the CTA_TUPLE_REPLY attribute at `at` (b"" if it has none)."""
+def _tuple_address(buf: bytes | bytearray | memoryview, at: int, msg_end: int, dst: bool) -> bytes:
+    """The source (or destination) address of the tuple attribute at `at` (b"" if it has none)."""
     alen = _HH(buf, at)[0]
     end = at + alen
     if alen < 4 or end > msg_end:
-        raise ParseError(f"garbled reply tuple at offset {at}")
+        raise ParseError(f"garbled conntrack tuple at offset {at}")
+    want = (CTA_IP_V4_DST, CTA_IP_V6_DST) if dst else (CTA_IP_V4_SRC, CTA_IP_V6_SRC)
     p = at + 4
     while p + 4 <= end:
         plen, ptype = _HH(buf, p)
         if plen < 4 or p + plen > end:
-            raise ParseError(f"garbled reply tuple at offset {p}")
+            raise ParseError(f"garbled conntrack tuple at offset {p}")
         if ptype & NLA_TYPE_MASK == CTA_TUPLE_IP:
-            qlen, qtype = _HH(buf, p + 4)
-            qtype &= NLA_TYPE_MASK
-            if qtype == CTA_IP_V4_SRC and qlen == 8:
-                return bytes(_V4(buf, p + 8)[0])
-            if qtype == CTA_IP_V6_SRC and qlen == 20:
-                return bytes(_V6(buf, p + 8)[0])
+            q, qe = p + 4, p + plen
+            while q + 4 <= qe:
+                qlen, qtype = _HH(buf, q)
+                if qlen < 4 or q + qlen > qe:
+                    raise ParseError(f"garbled address attribute at offset {q}")
+                qtype &= NLA_TYPE_MASK
+                if qtype == want[0] and qlen == 8:
+                    return bytes(_V4(buf, q + 4)[0])
+                if qtype == want[1] and qlen == 20:
+                    return bytes(_V6(buf, q + 4)[0])
+                q += (qlen + 3) & ~3
             return b""
         p += (plen + 3) & ~3
     return b""

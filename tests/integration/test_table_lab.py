@@ -19,7 +19,8 @@ import pytest
 
 from tests.integration.test_table_scan import _stable, conntrack_list, reference
 from tests.lab import Lab
-from tests.lab.topology import STALE_IP
+from tests.lab.dnsq import query
+from tests.lab.topology import STALE_IP, UPSTREAM_IP
 from tests.support.exporter_proc import Exporter, parse, value
 
 pytestmark = [pytest.mark.netns, pytest.mark.lab]
@@ -74,12 +75,16 @@ def test_stale_dns_entries_after_the_stale_endpoint_fault(healthy_lab: Lab) -> N
     lab.node.exec(["conntrack", "-D", "--reply-src", STALE_IP], check=False)
     exp = lab.start_exporter(*args)
     try:
+        # a name no cache holds: a backend asks the upstream resolver, through the node; DNS to a server
+        # that is no target must not count as stale
+        query(lab.pod.name, lab.service_ip, f"n{time.time_ns()}.{lab.external_name}")
         send_queries(lab, 12)
         samples, lines = settled_scan(lab, exp)
         ref = reference(lines, servers=targets)
         assert ref["dns"]["udp"] >= 12
         assert value(samples, "conntrack_table_dns_entries", transport="udp") == ref["dns"]["udp"]
         assert value(samples, "conntrack_table_stale_dns_entries") == ref["stale"] == 0, exp.stderr()
+        assert any(f"dst={UPSTREAM_IP} " in line and " dport=53 " in line for line in lines)
 
         lab.fault("stale-endpoint")
         send_queries(lab, 30)  # about a third go to the address where no pod exists

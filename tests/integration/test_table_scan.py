@@ -69,10 +69,12 @@ def reference(lines: list[str], servers: set[str] | None = None,
             state = "replied"
         states[(proto, state)] = states.get((proto, state), 0) + 1
         srcs = [t[4:] for t in tok if t.startswith("src=")]
+        dsts = [t[4:] for t in tok if t.startswith("dst=")]
         dports = [t[6:] for t in tok if t.startswith("dport=")]
         if proto in ("udp", "tcp") and dports and dports[0] == "53":
             dns[proto] += 1
-            if servers is not None and srcs[1] not in servers:
+            # addressed to a known DNS server, answered from an address that is none of them
+            if servers is not None and dsts[0] in servers and srcs[1] not in servers:
                 stale += 1
         if pods is not None:
             pod = pods.get(srcs[0], ("", ""))
@@ -154,6 +156,14 @@ class Scene:
             u.sendto(b"q", ("127.0.0.1", 5353))
         u6 = self.sock(socket.AF_INET6, socket.SOCK_DGRAM)
         u6.sendto(b"q", ("::1", 53))
+        # DNS to a "Service IP" DNAT'ed to an "endpoint" where nothing listens (kube-proxy style)
+        for addr in ("10.96.0.10/32", "10.244.0.5/32"):
+            ns.exec(["ip", "addr", "add", addr, "dev", "lo"])
+        ns.exec(["nft", "add table ip nat; add chain ip nat natout { type nat hook output priority -100; }; "
+                 "add rule ip nat natout ip daddr 10.96.0.10 udp dport 53 dnat to 10.244.0.5"])
+        for _ in range(2):
+            u = self.sock(type=socket.SOCK_DGRAM)
+            u.sendto(b"q", ("10.96.0.10", 53))
         # ICMP and ICMPv6 echo (the kernel answers both)
         ic = self.sock(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         ic.sendto(bytes.fromhex("0800f7fe00010000"), ("127.0.0.1", 0))
@@ -279,9 +289,10 @@ def test_stale_dns_entries_after_a_rollout(netns: Netns) -> None:
     """The service IP 10.96.0.10 is DNAT'ed to endpoint .5; after a 'rollout' the new endpoint is .6.
 
     Entries created before the rollout still answer from .5: stale once the targets say .6, not before.
+    DNS to a server that is no target (an upstream, 10.53.0.1 here) is never counted.
     """
     ns = netns
-    for addr in ("10.96.0.10/32", "10.244.0.5/32", "10.244.0.6/32"):
+    for addr in ("10.96.0.10/32", "10.244.0.5/32", "10.244.0.6/32", "10.53.0.1/32"):
         ns.exec(["ip", "addr", "add", addr, "dev", "lo"])
     ns.exec(["nft", "add table ip nat; "
              "add chain ip nat natout { type nat hook output priority -100; }; "
@@ -295,12 +306,15 @@ def test_stale_dns_entries_after_a_rollout(netns: Netns) -> None:
                 socks.append(u)
 
         query(3)
+        upstream = ns.socket(type=socket.SOCK_DGRAM)
+        upstream.sendto(b"q", ("10.53.0.1", 53))
+        socks.append(upstream)
         targets = TargetRegistry()
         targets.set("endpoint", [Target("10.96.0.10", kind="service"), Target("10.244.0.5", kind="endpoint")])
         scanner = scanner_in(ns)
         servers = [k for k in map(ip_key, targets.addresses()) if k]
         before, lines = scan_and_list(ns, scanner, dns_servers=servers)
-        assert before.agg.dns_by_transport()["udp"] == 3
+        assert before.agg.dns_by_transport()["udp"] == 4
         assert before.agg.stale_dns == 0 == reference(lines, servers=set(targets.addresses()))["stale"]
 
         # rollout: the endpoint moves to .6; new queries go there, the old entries stay
@@ -313,7 +327,7 @@ def test_stale_dns_entries_after_a_rollout(netns: Netns) -> None:
         lines = conntrack_list(ns)
         assert snap is not None and not snap.partial
         assert snap.stale_dns == 3 == reference(lines, servers=set(targets.addresses()))["stale"]
-        assert dict(snap.dns)["udp"] == 5
+        assert dict(snap.dns)["udp"] == 6
 
         # no targets known: nothing can be called stale, so the metric is absent
         assert TableScanService(scanner).scan_once().stale_dns is None  # type: ignore[union-attr]
@@ -403,7 +417,8 @@ def record_fixtures(out_dir: Path = FIXTURES) -> None:
             "conntrack_list": lines, "entries": len(lines)}
     good = {"description": "One conntrack table dump (raw netlink datagrams, hex) of a namespace with real TCP "
                            "flows (established, time_wait, close_wait, syn_sent, close), UDP with and without "
-                           "replies, DNS over UDP and TCP, ICMP/ICMPv6 echoes and 150 ctfill entries; "
+                           "replies, DNS over UDP and TCP (2 UDP queries to 10.96.0.10 DNAT'ed to 10.244.0.5), "
+                           "ICMP/ICMPv6 echoes and 150 ctfill entries; "
                            "`conntrack_list` is `conntrack -L -o extended` taken right after.",
             **meta, "datagrams": [d.hex() for d in datagrams]}
     (out_dir / "table-mixed.json").write_text(json.dumps(good, indent=1) + "\n")

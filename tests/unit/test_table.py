@@ -72,7 +72,7 @@ def test_recorded_dump_matches_conntrack_list() -> None:
 def test_walk_and_fast_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fixed-offset fast path must give exactly what the attribute walk gives."""
     dgrams = datagrams("table-mixed.json")
-    servers = [ip_key("127.0.0.1")]
+    servers = [ip_key("10.96.0.10"), ip_key("127.0.0.1")]
     fast = DumpParser([ip_key("127.0.0.1"), ip_key("::1")], servers)  # type: ignore[list-item]
     for d in dgrams:
         fast.feed(d)
@@ -85,18 +85,22 @@ def test_walk_and_fast_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast.done and slow.done
     assert fast.agg == slow.agg
     assert fast.agg.sources[ip_key("127.0.0.1")] > 10  # type: ignore[index]
-    # the one DNS query over IPv6 is answered by ::1, not by the only server given
-    ref = reference(load("table-mixed.json")["conntrack_list"], servers={"127.0.0.1"})
-    assert fast.agg.stale_dns == ref["stale"] == 1
+    # the two queries to the "Service IP" 10.96.0.10 were DNAT'ed to 10.244.0.5, which is no server given
+    ref = reference(load("table-mixed.json")["conntrack_list"], servers={"10.96.0.10", "127.0.0.1"})
+    assert fast.agg.stale_dns == ref["stale"] == 2
     assert slow.agg.entries == load("table-mixed.json")["entries"]
 
 
 def test_stale_dns_follows_the_targets() -> None:
     data = load("table-mixed.json")
     dgrams = datagrams("table-mixed.json")
-    for servers in (["127.0.0.1"], ["::1"], ["10.0.0.1"], ["127.0.0.1", "::1"]):
+    seen = set()
+    for servers in (["10.96.0.10"], ["10.96.0.10", "10.244.0.5"], ["127.0.0.1"], ["10.0.0.1"],
+                    ["10.96.0.10", "127.0.0.1", "::1"]):
         agg = replay(dgrams).scan(dns_servers=[ip_key(s) for s in servers]).agg  # type: ignore[misc]
         assert agg.stale_dns == reference(data["conntrack_list"], servers=set(servers))["stale"], servers
+        seen.add(agg.stale_dns)
+    assert seen == {0, 2}  # the DNAT'ed pair: stale unless its endpoint 10.244.0.5 is a target
     assert replay(dgrams).scan().stale_checked is False
 
 
@@ -178,11 +182,11 @@ def test_metrics_from_the_last_scan() -> None:
     data = load("table-mixed.json")
     pod_map = {"127.0.0.1": ("default", "web-0"), "::1": ("default", "web-0"), "198.18.0.1": ("shop", "cart"),
                "198.18.0.2": ("shop", "cart"), "198.18.0.3": ("dns", "coredns"), "10.9.9.9": ("idle", "none")}
-    ref = reference(data["conntrack_list"], servers={"127.0.0.1"}, pods=pod_map)
+    ref = reference(data["conntrack_list"], servers={"127.0.0.1", "10.96.0.10"}, pods=pod_map)
     pods = PodIndex()
     pods.replace([(ip, ns, pod) for ip, (ns, pod) in pod_map.items()])
     targets = TargetRegistry()
-    targets.set("static", [Target("127.0.0.1")])
+    targets.set("static", [Target("127.0.0.1"), Target("10.96.0.10", kind="service")])
     svc = TableScanService(replay(datagrams("table-mixed.json")), top_n=2, targets=targets, pods=pods)
     reg = registry_for(svc)
     assert reg.get_sample_value("conntrack_table_scan_entries") is None  # nothing before the first scan
@@ -192,7 +196,7 @@ def test_metrics_from_the_last_scan() -> None:
     assert reg.get_sample_value("conntrack_table_entries", {"protocol": "tcp", "state": "last_ack"}) == 0
     for transport, n in ref["dns"].items():
         assert reg.get_sample_value("conntrack_table_dns_entries", {"transport": transport}) == n
-    assert reg.get_sample_value("conntrack_table_stale_dns_entries") == ref["stale"] > 0  # the ::1 DNS entry
+    assert reg.get_sample_value("conntrack_table_stale_dns_entries") == ref["stale"] > 0  # the DNAT'ed pair
     # top 2 pods by entries, then the unknown sources, then the rest of the pods as "other"
     ranked = sorted(((n, p) for p, n in ref["sources"].items() if p != ("", "")), reverse=True)
     assert [p for _, p in ranked] == [("shop", "cart"), ("default", "web-0"), ("dns", "coredns")]
@@ -282,7 +286,8 @@ def test_golden_exposition() -> None:
     pods = PodIndex()
     pods.replace([("127.0.0.1", "default", "web-0"), ("198.18.0.1", "shop", "cart")])
     keys = {ip_key(ip): pod for ip, pod in pods.snapshot().items()}
-    result = replay(datagrams("table-mixed.json")).scan(keys, [ip_key("127.0.0.1")])  # type: ignore[list-item]
+    servers = [ip_key("127.0.0.1"), ip_key("10.96.0.10")]
+    result = replay(datagrams("table-mixed.json")).scan(keys, servers)  # type: ignore[arg-type]
     result = dataclasses.replace(result, started=1_790_000_000.0, duration=0.25)
     svc = TableScanService(replay([]))
     svc._latest = summarize(result, keys, 10)  # type: ignore[arg-type]
