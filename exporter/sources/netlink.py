@@ -150,10 +150,9 @@ def error_code(payload: memoryview) -> int:
     return -int(struct.unpack_from("=i", payload)[0])
 
 
-def parse_stats_cpu(datagrams: list[bytes], seq: int | None = None) -> dict[int, dict[str, int]]:
-    """Parse the reply datagrams of a GET_STATS_CPU dump into {cpu: {stat: value}}."""
-    out: dict[int, dict[str, int]] = {}
-    want = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS_CPU
+def _payloads(datagrams: list[bytes], seq: int | None, msg_type: int, what: str) -> Iterator[memoryview]:
+    """Payloads of the ctnetlink messages of `msg_type` in a reply; an error message raises."""
+    want = (NFNL_SUBSYS_CTNETLINK << 8) | msg_type
     for dgram in datagrams:
         for mtype, _flags, mseq, payload in iter_messages(dgram):
             if seq is not None and mseq != seq:
@@ -161,42 +160,36 @@ def parse_stats_cpu(datagrams: list[bytes], seq: int | None = None) -> dict[int,
             if mtype == NLMSG_ERROR:
                 err = error_code(payload)
                 if err:
-                    raise NetlinkError(err, "conntrack per-CPU statistics request")
-                continue
-            if mtype != want:
-                continue
-            if len(payload) < NFGENMSG.size:
-                raise ParseError("short nfgenmsg")
-            cpu = NFGENMSG.unpack_from(payload)[2]
-            stats = dict.fromkeys(CPU_STAT_NAMES, 0)
-            for atype, data in iter_attrs(payload, NFGENMSG.size):
-                name = CPU_STAT_ATTRS.get(atype)
-                if name is not None:
-                    stats[name] = _be32(data)
-            out[cpu] = stats
+                    raise NetlinkError(err, what)
+            elif mtype == want:
+                if len(payload) < NFGENMSG.size:
+                    raise ParseError("short nfgenmsg")
+                yield payload
+
+
+def parse_stats_cpu(datagrams: list[bytes], seq: int | None = None) -> dict[int, dict[str, int]]:
+    """Parse the reply datagrams of a GET_STATS_CPU dump into {cpu: {stat: value}}."""
+    out: dict[int, dict[str, int]] = {}
+    for payload in _payloads(datagrams, seq, IPCTNL_MSG_CT_GET_STATS_CPU, "conntrack per-CPU statistics request"):
+        cpu = NFGENMSG.unpack_from(payload)[2]  # res_id carries the CPU number
+        stats = dict.fromkeys(CPU_STAT_NAMES, 0)
+        for atype, data in iter_attrs(payload, NFGENMSG.size):
+            name = CPU_STAT_ATTRS.get(atype)
+            if name is not None:
+                stats[name] = _be32(data)
+        out[cpu] = stats
     return out
 
 
 def parse_stats_global(datagrams: list[bytes], seq: int | None = None) -> tuple[int | None, int | None]:
     """Parse the reply of a GET_STATS request into (entries, max_entries)."""
-    want = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS
     entries = limit = None
-    for dgram in datagrams:
-        for mtype, _flags, mseq, payload in iter_messages(dgram):
-            if seq is not None and mseq != seq:
-                continue
-            if mtype == NLMSG_ERROR:
-                err = error_code(payload)
-                if err:
-                    raise NetlinkError(err, "conntrack count request")
-                continue
-            if mtype != want:
-                continue
-            for atype, data in iter_attrs(payload, NFGENMSG.size):
-                if atype == CTA_STATS_GLOBAL_ENTRIES:
-                    entries = _be32(data)
-                elif atype == CTA_STATS_GLOBAL_MAX_ENTRIES:
-                    limit = _be32(data)
+    for payload in _payloads(datagrams, seq, IPCTNL_MSG_CT_GET_STATS, "conntrack count request"):
+        for atype, data in iter_attrs(payload, NFGENMSG.size):
+            if atype == CTA_STATS_GLOBAL_ENTRIES:
+                entries = _be32(data)
+            elif atype == CTA_STATS_GLOBAL_MAX_ENTRIES:
+                limit = _be32(data)
     if entries is None:
         raise ParseError("conntrack count reply without CTA_STATS_GLOBAL_ENTRIES")
     return entries, limit

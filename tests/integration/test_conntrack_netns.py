@@ -16,7 +16,7 @@ import pytest
 
 from tests.support import ctfill, races
 from tests.support.exporter_proc import Exporter, parse, value
-from tests.support.netns import Netns, run, skip_reason
+from tests.support.netns import Netns, skip_reason
 
 pytestmark = pytest.mark.netns
 
@@ -43,19 +43,8 @@ def dnat_ns() -> Iterator[tuple[Netns, Netns]]:
         pytest.skip(reason)
     if shutil.which("nft") is None:
         pytest.skip("needs nftables (`nft`) for the DNAT")
-    client, backends = Netns(), Netns()
+    client, backends = races.dnat_pair()
     try:
-        a, b = f"{client.name[-10:]}a", f"{client.name[-10:]}b"
-        run(["ip", "link", "add", a, "netns", client.name, "type", "veth", "peer", "name", b, "netns", backends.name])
-        client.exec(["ip", "addr", "add", "10.77.0.1/24", "dev", a])
-        client.exec(["ip", "link", "set", a, "up"])
-        client.exec(["ip", "route", "add", "default", "via", "10.77.0.2"])
-        for addr in ("10.77.0.2/24", "10.77.0.3/24"):
-            backends.exec(["ip", "addr", "add", addr, "dev", b])
-        backends.exec(["ip", "link", "set", b, "up"])
-        client.exec(["nft", "add table ip svc; add chain ip svc out { type nat hook output priority -100; }; "
-                     "add rule ip svc out ip daddr 10.96.0.10 udp dport 53 "
-                     "dnat to numgen random mod 2 map { 0 : 10.77.0.2, 1 : 10.77.0.3 }"])
         yield client, backends
     finally:
         client.delete()

@@ -20,7 +20,7 @@ import threading
 import dns.message
 import dns.rdatatype
 
-from tests.support.netns import in_netns
+from tests.support.netns import Netns, in_netns, run
 
 
 def _pinned(cpu: int) -> None:
@@ -106,3 +106,26 @@ def tcp_syn_race(ns: str, src: str, dst: str, pairs: int = 2000, dport: int = 9,
     finally:
         s0.close()
         s1.close()
+
+
+def dnat_pair() -> tuple[Netns, Netns]:
+    """kube-proxy's pattern in two fresh namespaces: the client DNATs 10.96.0.10:53 (UDP) at random to two
+    backend addresses (10.77.0.2, 10.77.0.3) in the second namespace, over a veth. The caller deletes both."""
+    client, backends = Netns(), Netns()
+    try:
+        a, b = f"{client.name[-10:]}a", f"{client.name[-10:]}b"
+        run(["ip", "link", "add", a, "netns", client.name, "type", "veth", "peer", "name", b, "netns", backends.name])
+        client.exec(["ip", "addr", "add", "10.77.0.1/24", "dev", a])
+        client.exec(["ip", "link", "set", a, "up"])
+        client.exec(["ip", "route", "add", "default", "via", "10.77.0.2"])
+        for addr in ("10.77.0.2/24", "10.77.0.3/24"):
+            backends.exec(["ip", "addr", "add", addr, "dev", b])
+        backends.exec(["ip", "link", "set", b, "up"])
+        client.exec(["nft", "add table ip svc; add chain ip svc out { type nat hook output priority -100; }; "
+                     "add rule ip svc out ip daddr 10.96.0.10 udp dport 53 "
+                     "dnat to numgen random mod 2 map { 0 : 10.77.0.2, 1 : 10.77.0.3 }"])
+    except BaseException:
+        client.delete()
+        backends.delete()
+        raise
+    return client, backends
