@@ -48,6 +48,8 @@ OTHER_ROW = ("", "other")
 UNKNOWN_ROW = ("", "")
 # Failures that leave no data at all: the collector then reports failure (collector_success 0).
 HARD_FAILURES = ("permission", "unavailable", "error")
+FIRST_SCAN_GRACE = 2.0  # seconds the first scan waits for DNS targets to appear
+RESCAN_MIN_GAP = 2.0  # seconds between a scan and a rescan caused by changed DNS targets
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,11 @@ def summarize(result: ScanResult, pods: dict[bytes, tuple[str, str]], top_n: int
 
 
 class TableScanService:
-    """Scans the table every `interval` seconds on its own thread and publishes a `TableSnapshot`."""
+    """Scans the table every `interval` seconds on its own thread and publishes a `TableSnapshot`.
+
+    A change of the DNS targets (a CoreDNS rollout seen by the Kubernetes watch) triggers a rescan after
+    RESCAN_MIN_GAP instead of waiting for the interval: that is when stale DNS entries matter.
+    """
 
     name = "table-scan"
 
@@ -133,9 +139,32 @@ class TableScanService:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        targets = self._targets
+        if targets is not None and not targets.addresses():
+            # At start-up the DNS targets (Kubernetes discovery, flags) usually arrive within a second:
+            # a first scan without them could not judge stale DNS entries for a whole interval.
+            self._wait_for_targets(targets.version, time.monotonic() + FIRST_SCAN_GRACE)
         while not self._stop.is_set():
+            version = targets.version if targets is not None else 0
             self.scan_once()
-            self._stop.wait(self.interval)
+            end = time.monotonic() + self.interval
+            if targets is None:
+                self._stop.wait(self.interval)
+            elif self._wait_for_targets(version, end):
+                # The DNS endpoints changed (a rollout): rescan soon, so stale entries show now rather
+                # than an interval later; the gap bounds the cost of a burst of changes.
+                self._stop.wait(RESCAN_MIN_GAP)
+
+    def _wait_for_targets(self, version: int, until: float) -> bool:
+        """Wait until `until`, a stop, or a change of the targets (then True)."""
+        assert self._targets is not None
+        while not self._stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            if self._targets.wait_for_change(version, min(left, 0.25)) != version:
+                return True
+        return False
 
     def scan_once(self) -> TableSnapshot | None:
         """One scan, published; never raises (a failure becomes a partial snapshot and a log line)."""

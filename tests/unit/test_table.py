@@ -314,3 +314,30 @@ class _Adapter:
 
     def describe(self) -> list[Any]:
         return []
+
+
+def test_changed_dns_targets_trigger_a_rescan_with_the_new_rule() -> None:
+    """A rollout (targets change) is rescanned within seconds, not an interval later; the first scan waits
+    briefly for targets to appear rather than publishing a scan that cannot judge stale entries."""
+    targets = TargetRegistry()
+    seen: list[Any] = []
+    svc = TableScanService(replay(datagrams("table-mixed.json")), interval=600, targets=targets,
+                           on_scan=seen.append)
+    svc.start()
+    try:
+        time.sleep(0.3)
+        assert seen == []  # no targets yet: the first scan waits (up to FIRST_SCAN_GRACE)
+        targets.set("kubernetes", [Target("10.96.0.10", kind="service"), Target("10.244.0.5", kind="endpoint")])
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(seen) == 1 and seen[0].stale_dns == 0
+        # rollout: the endpoint 10.244.0.5 is gone; the DNAT'ed pair in the fixture is now stale
+        changed = time.monotonic()
+        targets.set("kubernetes", [Target("10.96.0.10", kind="service"), Target("10.244.0.9", kind="endpoint")])
+        while len(seen) < 2 and time.monotonic() < changed + 10:
+            time.sleep(0.05)
+        assert len(seen) == 2 and seen[1].stale_dns == 2
+        assert time.monotonic() - changed < 600 / 10  # far sooner than the interval
+    finally:
+        svc.stop(timeout=2)
