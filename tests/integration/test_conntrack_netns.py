@@ -96,7 +96,8 @@ def test_parallel_a_aaaa_race_shows_as_clash_resolve(dnat_ns: tuple[Netns, Netns
     client, _ = dnat_ns
     with Exporter(netns=client) as exp:
         before = value(exp.scrape(), "conntrack_stat_clash_resolve_total") or 0
-        races.dns_pair_race(client.name, "10.96.0.10", pairs=1500)
+        assert races.until_counted(client.name, "clash_resolve",
+                                   lambda _: races.dns_pair_race(client.name, "10.96.0.10", pairs=1500)) > 0
         after = exp.scrape()
     assert (value(after, "conntrack_stat_clash_resolve_total") or 0) > before
     cli = conntrack_S(client)
@@ -107,7 +108,8 @@ def test_parallel_a_aaaa_race_shows_as_clash_resolve(dnat_ns: tuple[Netns, Netns
 
 def test_tcp_syn_race_shows_as_insert_failed_per_cpu(dnat_ns: tuple[Netns, Netns]) -> None:
     client, _ = dnat_ns
-    races.tcp_syn_race(client.name, "10.77.0.1", "10.77.0.9", pairs=1500)
+    assert races.until_counted(client.name, "insert_failed", lambda i: races.tcp_syn_race(
+        client.name, "10.77.0.1", "10.77.0.9", pairs=1500, sport_base=20000 + 1500 * i)) > 0
     with Exporter(["--collector.conntrack.per-cpu"], netns=client) as exp:
         s = exp.scrape()
     per_cpu = [v for (name, labels), v in s.items() if name == "conntrack_stat_insert_failed_total"]

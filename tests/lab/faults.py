@@ -236,6 +236,10 @@ def _heal_upstream(lab: Lab) -> None:
     if not lab.proc_running("upstream"):
         lab.start_upstream()
         lab._wait_dns(lab.upstream, lab.upstream_ip, lab.external_name)
+        # Healed means healed from where the pods stand: every running CoreDNS stand-in forwards again.
+        for b in lab.backends:
+            if lab.proc_running(b.name):
+                lab._wait_dns(lab.pod, b.ip, lab.external_name)
 
 
 # ---- slow backend -----------------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 import dns.message
 import dns.rdatatype
 
+from exporter.sources.netlink import NetlinkStatsSource
 from tests.support.netns import Netns, in_netns, run
 
 
@@ -28,7 +30,7 @@ def _pinned(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu % ncpu})
 
 
-def _race(ns: str, pairs: int, make: object, send: object) -> None:
+def _race(ns: str, pairs: int, send: Callable[[int, int], None]) -> None:
     """Run `pairs` rounds: two threads (CPU 0 and CPU 1) call send(i, which) behind a barrier."""
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
@@ -39,7 +41,7 @@ def _race(ns: str, pairs: int, make: object, send: object) -> None:
             _pinned(which)
             for i in range(pairs):
                 barrier.wait(timeout=5)
-                send(i, which)  # type: ignore[operator]
+                send(i, which)
         except BaseException as e:  # surfaced below
             errors.append(e)
             barrier.abort()
@@ -68,7 +70,7 @@ def dns_pair_race(ns: str, server: str, pairs: int = 2000, name: str = "kubernet
             socks[i].sendto(wires[which], (server, port))
 
     try:
-        _race(ns, pairs, None, send)
+        _race(ns, pairs, send)
     finally:
         for s in socks:
             s.close()
@@ -102,7 +104,7 @@ def tcp_syn_race(ns: str, src: str, dst: str, pairs: int = 2000, dport: int = 9,
             socks[which].sendto(segs[i], (dst, 0))
 
     try:
-        _race(ns, pairs, None, send)
+        _race(ns, pairs, send)
     finally:
         s0.close()
         s1.close()
@@ -129,3 +131,21 @@ def dnat_pair() -> tuple[Netns, Netns]:
         backends.delete()
         raise
     return client, backends
+
+
+def until_counted(ns: str, stat: str, race: Callable[[int], None], rounds: int = 8) -> int:
+    """Run `race(round)` until the namespace's conntrack `stat` counter (e.g. insert_failed) has grown, at most
+    `rounds` times, and return the growth. Each round is a real race: when the other CPU is busy, the two
+    senders can be serialised and a round produces no clash, so one round alone is not enough. A round must
+    use fresh tuples (the round number is passed for that): a repeated tuple finds the old entry, no clash."""
+    src = NetlinkStatsSource()
+    try:
+        before = in_netns(ns, src.sample).totals()[stat]
+        for i in range(rounds):
+            race(i)
+            grown = int(in_netns(ns, src.sample).totals()[stat] - before)
+            if grown > 0:
+                return grown
+        return 0
+    finally:
+        src.close()
