@@ -57,7 +57,6 @@ from typing import Any, Protocol
 
 from exporter.collectors.base import CollectorError
 from exporter.sources.netlink import (
-    NETLINK_NETFILTER,
     NFNL_SUBSYS_CTNETLINK,
     NLA_TYPE_MASK,
     NLM_F_DUMP,
@@ -69,6 +68,7 @@ from exporter.sources.netlink import (
     NetlinkError,
     ParseError,
     build_request,
+    open_socket,
 )
 
 IPCTNL_MSG_CT_NEW = 0  # dump replies carry this type
@@ -439,18 +439,7 @@ class DumpSocket(Protocol):
 
 def open_netlink(recv_timeout: float = 5.0) -> socket.socket:
     """A NETLINK_NETFILTER socket in the caller's network namespace, blocking with SO_RCVTIMEO."""
-    try:
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    except OSError as e:
-        raise NetlinkError(e.errno or errno.EPROTONOSUPPORT, "opening a NETLINK_NETFILTER socket") from None
-    try:
-        s.bind((0, 0))
-        sec = int(recv_timeout)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((recv_timeout - sec) * 1e6)))
-    except OSError as e:
-        s.close()
-        raise NetlinkError(e.errno or errno.EIO, "setting up the netlink socket") from None
-    return s
+    return open_socket(recv_timeout)
 
 
 def dump_request(seq: int = 1) -> bytes:

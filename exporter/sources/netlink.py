@@ -195,6 +195,27 @@ def parse_stats_global(datagrams: list[bytes], seq: int | None = None) -> tuple[
     return entries, limit
 
 
+def open_socket(recv_timeout: float | None = None) -> socket.socket:
+    """A bound NETLINK_NETFILTER socket in the caller's network namespace; failures as NetlinkError.
+
+    `recv_timeout` sets SO_RCVTIMEO (a kernel-side timeout that also holds for `recv_into` on another
+    thread); without it the socket is left blocking for the caller to configure."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    except OSError as e:
+        raise NetlinkError(e.errno or errno.EPROTONOSUPPORT, "opening a NETLINK_NETFILTER socket") from None
+    try:
+        s.bind((0, 0))
+        if recv_timeout is not None:
+            sec = int(recv_timeout)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                         struct.pack("ll", sec, int((recv_timeout - sec) * 1e6)))
+    except OSError as e:
+        s.close()
+        raise NetlinkError(e.errno or errno.EIO, "setting up the netlink socket") from None
+    return s
+
+
 class NetlinkStatsSource:
     """Samples conntrack statistics on one long-lived netlink socket (thread-safe).
 
@@ -219,16 +240,8 @@ class NetlinkStatsSource:
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            try:
-                s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            except OSError as e:
-                raise NetlinkError(e.errno or errno.EPROTONOSUPPORT, "opening a NETLINK_NETFILTER socket") from None
-            try:
-                s.bind((0, 0))
-                s.settimeout(self._timeout)
-            except OSError as e:
-                s.close()
-                raise NetlinkError(e.errno or errno.EIO, "binding the netlink socket") from None
+            s = open_socket()
+            s.settimeout(self._timeout)
             self._sock = s
         return self._sock
 
