@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from tests.support.exporter_proc import free_port
+from tests.support.wait import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_RULES = ROOT / "alerts" / "conntrack-dns-exporter.rules.yaml"
@@ -53,14 +54,7 @@ def missing_binaries() -> list[str]:
 
 
 def wait_until(what: str, fn: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    return _wait_until(what, fn, timeout, interval)
 
 
 class Webhook:

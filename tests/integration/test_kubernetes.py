@@ -25,6 +25,7 @@ import pytest
 from tests.support.dnsserver import DnsServer
 from tests.support.exporter_proc import Exporter, Samples, value
 from tests.support.fakeapi import Endpoint, FakeAPI, endpoint_slice, pod, service
+from tests.support.wait import wait_until
 
 NS, SVC, NODE = "kube-system", "kube-dns", "node-1"
 UP = "conntrack_dns_exporter_kubernetes_up"
@@ -126,14 +127,7 @@ def running(args: list[str], ready: bool = True) -> Iterator[Exporter]:
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}: last {last!r}")
+    return wait_until(what or str(fn), fn, timeout, 0.1)
 
 
 def probed(samples: Samples) -> dict[tuple[str, str], str]:

@@ -18,19 +18,13 @@ from exporter.features import AppContext
 from exporter.probes.targets import Target
 from exporter.sources import kube
 from tests.support.fakeapi import Endpoint, FakeAPI, endpoint_slice, pod, service
+from tests.support.wait import wait_until
 
 NS, SVC, NODE = "kube-system", "kube-dns", "node-1"
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: last {last!r}")
+    return wait_until(what or str(fn), fn, timeout, 0.1)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ a barrier; the first thread then collects both answers.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import threading
@@ -22,19 +21,7 @@ from dataclasses import dataclass
 
 import dns.message
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling thread into namespace `name`."""
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
+from tests.support.netns import enter
 
 
 @dataclass
@@ -92,7 +79,7 @@ class Race:
 
     def _run(self, me: int) -> None:
         try:
-            enter_netns(self.pod_ns)
+            enter(self.pod_ns)
             os.sched_setaffinity(0, {self._cpus[me]})
             started = time.monotonic()
             while True:

@@ -75,6 +75,17 @@ class Netns:
         self.delete()
 
 
+def enter(name: str) -> None:
+    """Move the calling thread (only it: setns is per thread) into namespace `name`."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
 def in_netns(name: str, fn: Any, *args: Any) -> Any:
     """Run fn(*args) on a fresh thread that has entered namespace `name`; return its result.
 
@@ -84,13 +95,7 @@ def in_netns(name: str, fn: Any, *args: Any) -> Any:
 
     def target() -> None:
         try:
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
+            enter(name)
             result["value"] = fn(*args)
         except BaseException as e:
             result["error"] = e

@@ -7,13 +7,9 @@ of the ctnetlink message format, so a parsing slip in ours shows up as a mismatc
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from pyroute2.netlink.nfnetlink import nfctsocket
 from pyroute2.netlink.nlsocket import Marshal
@@ -23,9 +19,9 @@ from exporter.collectors.conntrack import ConntrackCollector
 from exporter.sources.fixtures import FixtureStatsSource, load
 from exporter.sources.netlink import CPU_STAT_NAMES, IPCTNL_MSG_CT_GET_STATS, IPCTNL_MSG_CT_GET_STATS_CPU
 from exporter.sources.sysctl import StaticSysctlSource
+from tests.support.golden import check_golden
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-GOLDEN = Path(__file__).parent.parent / "golden"
 INCIDENT = FIXTURES / "conntrack-incident.json"
 GROWING = FIXTURES / "conntrack-insert-failed.json"
 
@@ -120,17 +116,7 @@ def test_golden_exposition(tmp_path: Path) -> None:
     UPDATE_GOLDEN=1 rewrites it; `promtool check metrics` lints it when promtool is installed.
     """
     reg, _ = registry_for(INCIDENT)
-    text = generate_latest(reg).decode()
-    golden = GOLDEN / "conntrack-incident.prom"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text()
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool (Debian package prometheus) not installed: golden compared, not linted")
-    r = subprocess.run([promtool, "check", "metrics"], input=text, text=True, capture_output=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+    check_golden(generate_latest(reg).decode(), "conntrack-incident.prom")
 
 
 def test_garbled_reply_fails_the_collector_but_not_the_scrape(tmp_path: Path) -> None:

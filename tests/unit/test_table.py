@@ -12,8 +12,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -34,9 +32,9 @@ from exporter.sources.netlink import NLMSGHDR
 from exporter.sources.podindex import PodIndex
 from tests.integration.test_table_scan import reference
 from tests.support.exporter_proc import Exporter, value
+from tests.support.golden import check_golden
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -293,16 +291,7 @@ def test_golden_exposition() -> None:
     svc._latest = summarize(result, keys, 10)  # type: ignore[arg-type]
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Adapter(TableCollector(svc)))
-    text = generate_latest(reg).decode()
-    golden = GOLDEN / "table-mixed.prom"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text()
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool (Debian package prometheus) not installed: golden compared, not linted")
-    r = subprocess.run([promtool, "check", "metrics"], input=text, text=True, capture_output=True, timeout=30)
-    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    check_golden(generate_latest(reg).decode(), "table-mixed.prom")
 
 
 class _Adapter:
