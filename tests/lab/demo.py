@@ -67,6 +67,9 @@ def _exporter_flags() -> list[str]:
         ("--probe.interval", "--probe.interval=2s"),
         ("--probe.timeout", "--probe.timeout=1s"),
         ("--probe.attempts", "--probe.attempts=1"),
+        # as in the DaemonSet: scrapes are exempt from conntrack, so even Prometheus's first connection
+        # gets through when the node's table is full
+        ("--web.notrack", "--web.notrack"),
     ]
     return [flag for name, flag in wanted if name + " " in helptext or name + "," in helptext
             or name + "\n" in helptext]
@@ -296,7 +299,10 @@ def run_demo(scenario: str | None = None, seconds: float | None = None, interval
             elapsed = now - start
             if seconds is not None and elapsed >= seconds:
                 break
-            if scenario and state == "healthy" and elapsed >= fault_at:
+            # The healthy phase ends once Prometheus has scraped the exporter (so there is a "before" to
+            # compare with), or 10 s after the planned time at the latest.
+            if scenario and state == "healthy" and elapsed >= fault_at and (
+                    elapsed >= fault_at + 10 or prom.scalar('up{job="conntrack-dns-exporter"}') == 1):
                 print(f"--- t={elapsed:.0f}s injecting fault: {scenario} {' '.join(args)}", flush=True)
                 lab.fault(scenario, *args)
                 state = "fault"
