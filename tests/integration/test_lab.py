@@ -24,7 +24,10 @@ pytestmark = [pytest.mark.netns, pytest.mark.lab]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def ratio(lab: Lab, server: str | None = None, name: str | None = None, n: int = 30, timeout: float = 0.3) -> float:
+def ratio(lab: Lab, server: str | None = None, name: str | None = None, n: int = 30, timeout: float = 1.0) -> float:
+    """Share of n lookups from the pod that got an answer within `timeout`. Checks that expect every
+    lookup to succeed keep the default 1 s (a loaded CI machine can delay one answer past 300 ms); checks
+    that expect failures pass a short timeout to stay fast."""
     return success_ratio(lab.pod.name, server or lab.service_ip, name or lab.cluster_name, n, timeout=timeout)
 
 
@@ -92,7 +95,7 @@ def test_backend_down_fails_its_share_while_the_live_backend_answers(healthy_lab
 def test_stale_endpoint_blackholes_a_share(healthy_lab: Lab) -> None:
     lab = healthy_lab
     lab.fault("stale-endpoint")
-    r = ratio(lab, n=60)
+    r = ratio(lab, n=60, timeout=0.3)
     assert 0.4 <= r <= 0.9, f"{r:.0%} succeeded with 1 stale endpoint of 3"
     flows = lab.node.exec(["conntrack", "-L", "-p", "udp", "--orig-dst", lab.service_ip]).stdout
     assert f"src={STALE_IP}" in flows
@@ -103,9 +106,9 @@ def test_stale_endpoint_blackholes_a_share(healthy_lab: Lab) -> None:
 def test_loss_drops_dns_packets_on_the_node(healthy_lab: Lab) -> None:
     lab = healthy_lab
     lab.fault("loss", 100)
-    assert ratio(lab, n=5) == 0.0
+    assert ratio(lab, n=5, timeout=0.3) == 0.0
     lab.fault("loss", 50)
-    r = ratio(lab, n=40)
+    r = ratio(lab, n=40, timeout=0.3)
     assert 0.2 <= r <= 0.8, f"{r:.0%} succeeded with 50% loss"
     lab.heal("loss")
     assert ratio(lab, n=20) == 1.0
@@ -129,7 +132,7 @@ def test_slow_backend_adds_the_delay(healthy_lab: Lab) -> None:
     assert tcp.ok and tcp.seconds >= 0.25
     lab.heal("slow-backend")
     fast = [query(lab.pod.name, lab.service_ip, lab.cluster_name, timeout=2) for _ in range(4)]
-    assert all(a.ok and a.seconds < 0.2 for a in fast), fast
+    assert all(a.ok and a.seconds < 0.25 for a in fast), fast  # the 250 ms delay is gone
 
 
 def test_race_hits_the_conntrack_clash(healthy_lab: Lab) -> None:
@@ -171,7 +174,7 @@ def test_two_labs_side_by_side_do_not_interfere(healthy_lab: Lab) -> None:
         assert {ns.name for ns in a.namespaces()}.isdisjoint(ns.name for ns in b.namespaces())
         assert (a.host_link, a.host_root_ip) != (b.host_link, b.host_root_ip)
         b.fault("loss", 100)
-        assert ratio(b, n=3) == 0.0
+        assert ratio(b, n=3, timeout=0.3) == 0.0
         assert ratio(a, n=20) == 1.0
         a.fault("backend-down", 0)
         a.fault("backend-down", 1)
