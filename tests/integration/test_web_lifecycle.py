@@ -18,6 +18,7 @@ import pytest
 from tests.support.exporter_proc import Exporter
 from tests.support.netns import Netns
 from tests.support.scrapeload import blackhole
+from tests.support.sockets import closed_within
 
 pytestmark = pytest.mark.netns
 
@@ -32,16 +33,6 @@ def _need_nft() -> None:
 
 def _ruleset(ns: Netns) -> str:
     return ns.exec(["nft", "list", "ruleset"]).stdout
-
-
-def _closed(sock: socket.socket) -> bool:
-    """True when the peer closed (FIN) or reset the connection; a timeout means it is still open."""
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def _wait_exit(e: Exporter, timeout: float) -> float:
@@ -80,7 +71,7 @@ def test_sigterm_exits_within_2s_closes_connections_and_removes_table(netns: Net
         elapsed = time.monotonic() - t0
         assert elapsed < 2.0, f"exit took {elapsed:.2f}s after SIGTERM"
         assert e.proc.returncode == 0, e.stderr()
-        assert _closed(silent), "silent connection left open"
+        assert closed_within(silent, 3), "silent connection left open"
         silent.close()
         conn.close()
         assert TABLE[1] not in _ruleset(netns), "NOTRACK table left behind after SIGTERM"

@@ -20,6 +20,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.server import ExporterHTTPServer
+from tests.support.sockets import closed_within
 
 
 class _Boom:
@@ -59,16 +60,6 @@ def _scrape(port: int, timeout: float = 5.0) -> tuple[int, bytes, float]:
         return r.status, r.read(), time.monotonic() - t0
     finally:
         conn.close()
-
-
-def _closed_within(sock: socket.socket, seconds: float) -> bool:
-    sock.settimeout(seconds)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def test_keepalive_reuses_one_connection(server: ExporterHTTPServer) -> None:
@@ -114,7 +105,7 @@ def test_silent_and_trickling_clients_do_not_delay_scrapes(server: ExporterHTTPS
             assert status == 200 and b"test_value" in body
             assert took < 0.4, f"scrape took {took:.2f}s next to silent clients (read timeout is 0.5s)"
         # ... and those clients are cut off after the read timeout instead of holding a thread forever.
-        assert all(_closed_within(s, 2.0) for s in [*silent, slow])
+        assert all(closed_within(s, 2.0) for s in [*silent, slow])
     finally:
         for s in [*silent, slow]:
             s.close()
@@ -130,13 +121,13 @@ def test_connection_cap_closes_extra_connections_and_logs_once(server: ExporterH
     assert server.open_connections == 8
     extra = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
     try:
-        assert all(_closed_within(s, 1.0) for s in extra), "connection over the cap was not closed at once"
+        assert all(closed_within(s, 1.0) for s in extra), "connection over the cap was not closed at once"
         assert threading.active_count() < 8 + 10, "a thread per rejected connection?"
         msgs = [r.getMessage() for r in caplog.records if "connection limit reached" in r.getMessage()]
         assert len(msgs) == 1, msgs  # rate-limited: one line, not one per connection
         assert "(8 open" in msgs[0]
         # Once the silent hogs hit the read timeout, scrapes get through again and the count is exported.
-        assert all(_closed_within(s, 2.0) for s in hogs)
+        assert all(closed_within(s, 2.0) for s in hogs)
         status, body, _ = _scrape(server.port)
         assert status == 200
         assert b"conntrack_dns_exporter_web_connections_rejected_total 3.0" in body
@@ -151,7 +142,7 @@ def test_idle_keepalive_connection_closed_after_idle_timeout() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
         conn.request("GET", "/-/healthy")
         conn.getresponse().read()
-        assert conn.sock is not None and _closed_within(conn.sock, 2.0)
+        assert conn.sock is not None and closed_within(conn.sock, 2.0)
         conn.close()
     finally:
         srv.shutdown()
@@ -182,7 +173,7 @@ def test_shutdown_closes_open_connections_promptly(server: ExporterHTTPServer) -
     conn.getresponse().read()
     t0 = time.monotonic()
     server.shutdown()
-    assert conn.sock is not None and _closed_within(conn.sock, 1.0)
+    assert conn.sock is not None and closed_within(conn.sock, 1.0)
     assert time.monotonic() - t0 < 1.0
     conn.close()
 

@@ -199,6 +199,17 @@ class DnsServer:
             self.tcp_listener.close()
             self._tcp_open = False
 
+    def _parse(self, wire: bytes, transport: str, peer: Any) -> tuple[dns.message.Message, str] | None:
+        """Decode a query and log it; None for bytes that are no DNS message (ignored, as a server would)."""
+        try:
+            q = dns.message.from_wire(wire)
+        except Exception:
+            return None
+        qtype = dns.rdatatype.to_text(q.question[0].rdtype) if q.question else "?"
+        with self._lock:
+            self.queries.append(QueryLog(transport, peer, q.id, qtype, time.monotonic()))
+        return q, qtype
+
     # UDP -----------------------------------------------------------------------------------------
     def _on_udp(self, sock: socket.socket) -> None:
         try:
@@ -206,13 +217,11 @@ class DnsServer:
         except OSError:
             return
         b = self.behaviour
-        try:
-            q = dns.message.from_wire(wire)
-        except Exception:
+        parsed = self._parse(wire, "udp", src)
+        if parsed is None:
             return
-        qtype = dns.rdatatype.to_text(q.question[0].rdtype) if q.question else "?"
+        q, qtype = parsed
         with self._lock:
-            self.queries.append(QueryLog("udp", src, q.id, qtype, time.monotonic()))
             n = self._seen[(q.id, qtype)] = self._seen.get((q.id, qtype), 0) + 1
         if b.silent or (b.only is not None and qtype != b.only):
             return
@@ -305,13 +314,10 @@ class DnsServer:
 
     def _tcp_query(self, c: _Conn, wire: bytes) -> None:
         b = self.behaviour
-        try:
-            q = dns.message.from_wire(wire)
-        except Exception:
+        parsed = self._parse(wire, "tcp", c.sock.getpeername())
+        if parsed is None:
             return
-        qtype = dns.rdatatype.to_text(q.question[0].rdtype) if q.question else "?"
-        with self._lock:
-            self.queries.append(QueryLog("tcp", c.sock.getpeername(), q.id, qtype, time.monotonic()))
+        q, qtype = parsed
         if b.silent or (b.only is not None and qtype != b.only):
             return
         out = []
