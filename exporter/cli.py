@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from exporter import __version__
 from exporter.core import logs
-from exporter.core.flags import add_flag, parse_duration, parse_hostport, positive_int
+from exporter.core.flags import add_flag, duration, int_range, parse_hostport
 from exporter.features import all_features
 
 DEFAULT_PORT = 19153
@@ -39,17 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
              help=f"Address to serve /metrics on (default :{DEFAULT_PORT}).")
     add_flag(g, "--web.keepalive", default=True, action="bool",
              help="HTTP/1.1 keep-alive, so a scrape connection survives a full conntrack table.")
-    add_flag(g, "--web.idle-timeout", default=300.0, type=parse_duration,
+    add_flag(g, "--web.idle-timeout", default=300.0, type=duration(0.01, 86400),
              help="Close a keep-alive connection idle for this long (keep it above the scrape interval).")
-    add_flag(g, "--web.read-timeout", default=10.0, type=parse_duration,
+    add_flag(g, "--web.read-timeout", default=10.0, type=duration(0.01, 600),
              help="Close a new connection that has not sent a request (or finished a TLS handshake) by then.")
-    add_flag(g, "--web.max-connections", default=64, type=positive_int,
+    add_flag(g, "--web.max-connections", default=64, type=int_range(1, 4096),
              help="Open connections (one thread each) above which new ones are closed at once.")
     add_flag(g, "--web.config.file", default="", metavar="FILE",
              help="Prometheus exporter-toolkit web config (TLS, basic auth); /, /-/healthy, /-/ready stay open.")
     add_flag(g, "--web.notrack", default=False, action="bool",
              help="Exempt the listen port from conntrack with an nftables NOTRACK table (needs nft, CAP_NET_ADMIN).")
-    add_flag(g, "--web.notrack.check-interval", default=30.0, type=parse_duration,
+    add_flag(g, "--web.notrack.check-interval", default=30.0, type=duration(0.1, 86400),
              help="How often to check that the NOTRACK table is still installed (reinstalled if flushed).")
     g = p.add_argument_group("logging")
     add_flag(g, "--log.level", default="info", choices=logs.LEVELS, help="Log level.")

@@ -43,7 +43,7 @@ from typing import Any
 import bcrypt
 import yaml
 
-from exporter.core import logs
+from exporter.core import files, logs
 
 log = logs.get("web")
 
@@ -66,6 +66,7 @@ _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min
 _UNSUPPORTED = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "http2"}
 _AUTH_CACHE_MAX = 1024
 _BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+MAX_SIZE = files.MIB  # a web config is a few hundred bytes; a bigger "file" is a mistake (or /dev/zero)
 
 
 class WebConfigError(Exception):
@@ -154,7 +155,7 @@ def _stamp(tls: TLSSettings) -> tuple[float, ...]:
         try:
             st = p.stat()
             out += [st.st_mtime, float(st.st_size), float(st.st_ino)]
-        except OSError:
+        except (OSError, ValueError):
             out.append(-1.0)
     return tuple(out)
 
@@ -164,15 +165,19 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     ctx.minimum_version = tls.min_version
     if tls.max_version is not None:
         ctx.maximum_version = tls.max_version
+    for what, f in (("cert_file", tls.cert_file), ("key_file", tls.key_file), ("client_ca_file", tls.client_ca_file)):
+        why = files.not_regular(f) if f is not None else None
+        if why:  # a FIFO would block the TLS library's open() forever
+            raise WebConfigError(f"{what} {f} {why}")
     try:
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    except (OSError, ssl.SSLError) as e:
+    except (OSError, ssl.SSLError, ValueError) as e:
         raise WebConfigError(f"cannot load cert_file {tls.cert_file} / key_file {tls.key_file}: {_why(e)}") from None
     mode, _ = CLIENT_AUTH_TYPES[tls.client_auth_type]
     if tls.client_ca_file is not None:
         try:
             ctx.load_verify_locations(cafile=str(tls.client_ca_file))
-        except (OSError, ssl.SSLError) as e:
+        except (OSError, ssl.SSLError, ValueError) as e:
             raise WebConfigError(f"cannot load client_ca_file {tls.client_ca_file}: {_why(e)}") from None
     if tls.client_auth_type in ("RequestClientCert", "RequireAnyClientCert") and tls.client_ca_file is None:
         # Python cannot accept an unverified client certificate; without a CA we cannot honour this.
@@ -193,9 +198,13 @@ def load(path: str | os.PathLike[str]) -> WebConfig:
     """Read and validate the file; raise WebConfigError with one line on any problem."""
     p = Path(path)
     try:
-        text = p.read_text()
+        raw, _ = files.read_regular(p, MAX_SIZE)
     except OSError as e:
         raise WebConfigError(f"web config {p}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WebConfigError(f"web config {p}: not UTF-8 text (byte {e.start}); want YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -203,6 +212,11 @@ def load(path: str | os.PathLike[str]) -> WebConfig:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise WebConfigError(f"web config {p}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise WebConfigError(f"web config {p}: invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. a timestamp like 2024-02-30
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WebConfigError(f"web config {p}: invalid YAML value: {why}") from None
     try:
         return _parse(p, data if data is not None else {})
     except WebConfigError as e:
