@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--web.idle-timeout", default=300.0, type=duration(0.01, 86400),
              help="Close a keep-alive connection idle for this long (keep it above the scrape interval).")
     add_flag(g, "--web.read-timeout", default=10.0, type=duration(0.01, 600),
-             help="Close a new connection that has not sent a request (or finished a TLS handshake) by then.")
+             help="A request (line, headers; a new connection: TLS handshake too) must be complete by then.")
     add_flag(g, "--web.max-connections", default=64, type=int_range(1, 4096),
-             help="Open connections (one thread each) above which new ones are closed at once.")
+             help="Open connections (one thread each); at the limit a new one takes the slot of the slowest "
+                  "or longest-idle one.")
     add_flag(g, "--web.config.file", default="", metavar="FILE",
              help="Prometheus exporter-toolkit web config (TLS, basic auth); /, /-/healthy, /-/ready stay open.")
     add_flag(g, "--web.notrack", default=False, action="bool",

@@ -7,15 +7,21 @@ connection, whose conntrack entry already exists (`--web.notrack` covers new con
 
 Every connection is served on its own thread, so a slow or silent client never delays other scrapes, and
 collection never waits for a probe (probes run in the background and only publish results). Threads are
-bounded: at `--web.max-connections` open connections a new one is closed at once (logged, counted). A
-connection must send its first request within `--web.read-timeout`, and an idle keep-alive connection is
-closed after `--web.idle-timeout` (longer than any scrape interval, so Prometheus's connection survives).
+bounded by `--web.max-connections`. A request must be complete (line and headers; for a new connection
+the TLS handshake too) within `--web.read-timeout` however slowly it trickles in, and an idle keep-alive
+connection is closed after `--web.idle-timeout` (longer than any scrape interval, so Prometheus's
+connection survives). When every slot is taken, a new connection takes the slot of the slowest client
+(reading the longest without ever completing a request), else of the longest-idle keep-alive connection
+(see exporter/web/slots.py), so kubelet's probes and Prometheus are served during a slowloris attack; it
+is closed at once only when every connection is writing a response (logged, counted).
 TLS handshakes happen on the connection's thread, never in the accept loop. With `--web.config.file`
 (TLS, basic auth; see exporter/webconfig.py) every path needs credentials except `/`, `/-/healthy` and
 `/-/ready`, which kubelet probes must reach without them.
 
 Metrics: `conntrack_dns_exporter_web_connections` (gauge, open connections),
 `conntrack_dns_exporter_web_connections_rejected_total` (over the limit),
+`conntrack_dns_exporter_web_connections_evicted_total{state}` (closed to make room),
+`conntrack_dns_exporter_web_request_timeouts_total` (request incomplete after the read timeout),
 `conntrack_dns_exporter_web_tls_handshake_errors_total`, `conntrack_dns_exporter_web_auth_failures_total`,
 `conntrack_dns_exporter_web_scrapes_total`, `conntrack_dns_exporter_web_scrapes_shared_total` (scrapes that
 arrived while another rendered the registry and shared its result).
@@ -28,6 +34,7 @@ import binascii
 import contextlib
 import gzip
 import html
+import io
 import socket
 import ssl
 import threading
@@ -43,21 +50,14 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.core import logs
+from exporter.web import slots
+from exporter.web.slots import Conn
 from exporter.web.webconfig import WebConfig, WebConfigError
 
 log = logs.get("web")
 
 PUBLIC_PATHS = frozenset({"/", "/-/healthy", "/-/ready"})
 REJECT_LOG_INTERVAL = 10.0
-
-
-class _Conn:
-    """One accepted connection; `sock` becomes the TLS socket after the handshake."""
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
 
 
 class _Flight:
@@ -131,10 +131,14 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self.web_config = web_config
         self.ready = threading.Event()
-        self._conns: set[_Conn] = set()
+        self._conns: set[Conn] = set()
         self._lock = threading.Lock()
         self._closing = False
         self.rejected = 0
+        self.evicted = {slots.READING: 0, slots.IDLE: 0}
+        self.request_timeouts = 0
+        self._evicted_logged = 0
+        self._last_evict_log = 0.0
         self.tls_errors = 0
         self.auth_failures = 0
         self._rejected_logged = 0
@@ -169,11 +173,21 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         # 40 ms to a scrape.
         with contextlib.suppress(OSError):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(request)
+        conn = Conn(request, self.read_timeout)
+        evict: Conn | None = None
         with self._lock:
             full = self._closing or len(self._conns) >= self.max_connections
+            if full and not self._closing:
+                evict = slots.victim(self._conns)
+                if evict is not None:
+                    evict.evicted = True
+                    self._conns.discard(evict)
+                    self.evicted[evict.state] = self.evicted.get(evict.state, 0) + 1
+                    full = False
             if not full:
                 self._conns.add(conn)
+        if evict is not None:
+            self._evict(evict)
         if full:
             self._reject(request)
             return
@@ -199,12 +213,31 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                         self.max_connections, n)
         self.shutdown_request(request)
 
-    def _serve_conn(self, conn: _Conn, client_address: Any) -> None:
+    def _evict(self, conn: Conn) -> None:
+        """Close `conn` (its thread wakes from recv and ends) to give its slot to a new connection."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        now = time.monotonic()
+        with self._lock:
+            total = sum(self.evicted.values())
+            should_log = now - self._last_evict_log >= REJECT_LOG_INTERVAL
+            if should_log:
+                self._last_evict_log = now
+                n, self._evicted_logged = total - self._evicted_logged, total
+        if should_log:
+            log.warning("connection limit reached (%d open, --web.max-connections); closed %d slow or idle "
+                        "connection(s) to serve new ones", self.max_connections, n)
+
+    def count_request_timeout(self) -> None:
+        with self._lock:
+            self.request_timeouts += 1
+
+    def _serve_conn(self, conn: Conn, client_address: Any) -> None:
         try:
             tls = self.web_config is not None and self.web_config.tls is not None
             if tls and not self._handshake(conn):
                 return
-            self.finish_request(conn.sock, client_address)
+            _Handler(conn.sock, client_address, self, conn)
         except Exception as e:  # one line, never a traceback on stderr or in a response
             log.debug("connection from %s failed: %s: %s", client_address, type(e).__name__, e)
         finally:
@@ -212,7 +245,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                 self._conns.discard(conn)
             self.shutdown_request(conn.sock)
 
-    def _handshake(self, conn: _Conn) -> bool:
+    def _handshake(self, conn: Conn) -> bool:
         assert self.web_config is not None
         try:
             ctx = self.web_config.ssl_context()
@@ -220,16 +253,13 @@ class ExporterHTTPServer(ThreadingHTTPServer):
             log.error("%s", e)
             return False
         assert ctx is not None
-        raw = conn.sock
-        raw.settimeout(self.read_timeout)
         try:
-            tls_sock = ctx.wrap_socket(raw, server_side=True)
-        except (OSError, ssl.SSLError) as e:
+            slots.handshake(conn, ctx)
+        except (OSError, ssl.SSLError, ValueError) as e:
             with self._lock:
                 self.tls_errors += 1
             log.debug("TLS handshake failed: %s", e)
             return False
-        conn.sock = tls_sock
         return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -253,6 +283,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             open_, rejected, tls_errors, auth = len(self._conns), self.rejected, self.tls_errors, self.auth_failures
+            evicted, timeouts = dict(self.evicted), self.request_timeouts
         g = GaugeMetricFamily("conntrack_dns_exporter_web_connections", "Open HTTP connections to the exporter.")
         g.add_metric([], open_)
         lim = GaugeMetricFamily("conntrack_dns_exporter_web_connections_limit",
@@ -267,6 +298,16 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         a = CounterMetricFamily("conntrack_dns_exporter_web_auth_failures",
                                 "Requests refused with 401: missing or wrong basic-auth credentials.")
         a.add_metric([], auth)
+        ev = CounterMetricFamily("conntrack_dns_exporter_web_connections_evicted",
+                                 "Connections closed to give their slot to a new one while --web.max-connections "
+                                 "were open, by the state they were in (reading a request, idle keep-alive).",
+                                 labels=["state"])
+        for state in (slots.READING, slots.IDLE):
+            ev.add_metric([state], evicted.get(state, 0))
+        rt = CounterMetricFamily("conntrack_dns_exporter_web_request_timeouts",
+                                 "Requests closed because their line and headers were not complete within "
+                                 "--web.read-timeout (slow or silent clients).")
+        rt.add_metric([], timeouts)
         renders, shared = self.exposition.counts()
         sc = CounterMetricFamily("conntrack_dns_exporter_web_scrapes",
                                  "Metrics requests answered (with status 200 or 500).")
@@ -274,7 +315,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
                                  "Metrics requests answered with a rendering another simultaneous request started.")
         sh.add_metric([], shared)
-        return [g, lim, r, t, a, sc, sh]
+        return [g, lim, r, t, a, sc, sh, ev, rt]
 
     def describe(self) -> list[Metric]:
         return []
@@ -286,18 +327,38 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"conntrack-dns-exporter/{__version__}"
     sys_version = ""
 
+    def __init__(self, request: socket.socket, client_address: Any, server: ExporterHTTPServer,
+                 conn: Conn | None = None) -> None:
+        self.conn = conn if conn is not None else Conn(request, server.read_timeout)
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
-        # A fresh connection must send its request within the read timeout (a client that connects and
-        # sends nothing frees its slot quickly); between keep-alive requests the idle timeout applies.
-        self.request.settimeout(self.server.read_timeout)
+        # Reads go through the request deadline (slots.DeadlineReader): a request must be complete within
+        # the read timeout however slowly it trickles in; between keep-alive requests the idle timeout applies.
         super().setup()
+        self.rfile.close()
+        self._reader = slots.DeadlineReader(self.conn, self.server.read_timeout, self.server.idle_timeout)
+        self.rfile = io.BufferedReader(self._reader)
         if not self.server.keepalive:
             self.protocol_version = "HTTP/1.0"
 
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.conn.request_parsed()
+        with contextlib.suppress(OSError):  # writing the response: each send may wait this long
+            self.request.settimeout(self.server.read_timeout)
+        return ok
+
     def handle_one_request(self) -> None:
-        super().handle_one_request()
-        with contextlib.suppress(OSError):
-            self.request.settimeout(self.server.idle_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            if self._reader.timed_out:
+                self._reader.timed_out = False
+                self.server.count_request_timeout()
+                self.close_connection = True
+        if self.conn.state == slots.BUSY:
+            self.conn.response_sent()
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path

@@ -1,0 +1,121 @@
+"""Connection slots of the web server: whole-request deadlines and who gives up a slot when all are taken.
+
+Slowloris (issue 13): `--web.read-timeout` used to bound each `recv`, so a client sending one byte every
+few seconds kept its slot forever, and 64 such clients kept kubelet's probes out until the pod was
+restarted. Here:
+
+- a request's line and headers must be complete within `--web.read-timeout` of its first byte (for a new
+  connection: of the accept, TLS handshake included); each `recv` waits only for what is left of that;
+- between keep-alive requests a connection may be silent for `--web.idle-timeout`;
+- when every slot is taken, a new connection takes the slot of the connection that has been reading a
+  request the longest and never completed one (a slow or silent client), else of the keep-alive
+  connection idle the longest; a connection that is writing a response is never closed. So a kubelet
+  probe (a new connection that sends its request at once) gets a slot during an attack, and Prometheus's
+  keep-alive connection, which completed requests and is idle for at most a scrape interval, is among
+  the last to go.
+"""
+
+from __future__ import annotations
+
+import io
+import select
+import socket
+import ssl
+import time
+from collections.abc import Iterable
+
+READING, BUSY, IDLE = "reading", "busy", "idle"
+
+
+class Conn:
+    """One accepted connection; `sock` becomes the TLS socket after the handshake."""
+
+    __slots__ = ("deadline", "evicted", "requests", "since", "sock", "state")
+
+    def __init__(self, sock: socket.socket, read_timeout: float) -> None:
+        now = time.monotonic()
+        self.sock = sock
+        self.state = READING
+        self.since = now                             # when the current state began
+        self.deadline: float | None = now + read_timeout  # request (and handshake) complete by then
+        self.requests = 0                            # requests completed on this connection
+        self.evicted = False
+
+    def request_parsed(self) -> None:
+        self.state, self.deadline = BUSY, None
+
+    def response_sent(self) -> None:
+        self.requests += 1
+        self.state, self.since, self.deadline = IDLE, time.monotonic(), None
+
+
+def victim(conns: Iterable[Conn]) -> Conn | None:
+    """The connection to close so a new one can be served, or None (every connection is writing)."""
+    candidates = [c for c in conns if c.state != BUSY and not c.evicted]
+    if not candidates:
+        return None
+    # Never completed a request first (slow/silent clients), then keep-alive ones; oldest state first.
+    return min(candidates, key=lambda c: (c.requests > 0, c.since))
+
+
+class RequestTimeout(TimeoutError):
+    """The request's line and headers were not complete within --web.read-timeout."""
+
+
+class DeadlineReader(io.RawIOBase):
+    """The handler's raw input: each recv waits for what is left of the request deadline, or, before a
+    keep-alive request's first byte, for the idle timeout."""
+
+    def __init__(self, conn: Conn, read_timeout: float, idle_timeout: float) -> None:
+        self.conn = conn
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self.timed_out = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        conn = self.conn
+        sock = conn.sock
+        if conn.deadline is None:  # between requests
+            sock.settimeout(self.idle_timeout)
+            n = sock.recv_into(buffer)
+            if n:  # a new request begins: its headers are due within the read timeout
+                conn.state, conn.since = READING, time.monotonic()
+                conn.deadline = conn.since + self.read_timeout
+            return n
+        remaining = conn.deadline - time.monotonic()
+        if remaining <= 0:
+            self.timed_out = True
+            raise RequestTimeout("request not complete within --web.read-timeout")
+        sock.settimeout(remaining)
+        try:
+            return sock.recv_into(buffer)
+        except TimeoutError:
+            self.timed_out = True
+            raise RequestTimeout("request not complete within --web.read-timeout") from None
+
+
+def handshake(conn: Conn, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    """TLS handshake bounded as a whole by the connection's deadline (a trickled ClientHello too)."""
+    tls = ctx.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+    conn.sock = tls  # owns the file descriptor now: evicting or shutting down must reach this one
+    tls.setblocking(False)
+    deadline = conn.deadline if conn.deadline is not None else time.monotonic()
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            want_read = True
+        except ssl.SSLWantWriteError:
+            want_read = False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("TLS handshake not complete within --web.read-timeout")
+        r, w, _ = select.select([tls] if want_read else [], [] if want_read else [tls], [], remaining)
+        if not r and not w:
+            raise TimeoutError("TLS handshake not complete within --web.read-timeout")
+    tls.setblocking(True)
+    return tls
