@@ -24,7 +24,8 @@ Metrics: `conntrack_dns_exporter_web_connections` (gauge, open connections),
 `conntrack_dns_exporter_web_request_timeouts_total` (request incomplete after the read timeout),
 `conntrack_dns_exporter_web_tls_handshake_errors_total`, `conntrack_dns_exporter_web_auth_failures_total`,
 `conntrack_dns_exporter_web_scrapes_total`, `conntrack_dns_exporter_web_scrapes_shared_total` (scrapes that
-arrived while another rendered the registry and shared its result).
+arrived while another rendered the registry and shared its result), and with TLS the serving certificate's
+`conntrack_dns_exporter_web_tls_certificate_not_{before,after}_timestamp_seconds` (exporter/web/certinfo.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.core import logs
-from exporter.web import slots
+from exporter.web import certinfo, slots
 from exporter.web.slots import Conn
 from exporter.web.webconfig import WebConfig, WebConfigError
 
@@ -315,7 +316,8 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
                                  "Metrics requests answered with a rendering another simultaneous request started.")
         sh.add_metric([], shared)
-        return [g, lim, r, t, a, sc, sh, ev, rt]
+        cfg = self.web_config
+        return [g, lim, r, t, a, sc, sh, ev, rt, *certinfo.families(cfg.cert_period if cfg is not None else None)]
 
     def describe(self) -> list[Metric]:
         return []

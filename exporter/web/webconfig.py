@@ -44,6 +44,7 @@ import bcrypt
 import yaml
 
 from exporter.core import files, logs
+from exporter.web import certinfo
 
 log = logs.get("web")
 
@@ -95,6 +96,8 @@ class WebConfig:
     _auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     _auth_ok: dict[bytes, None] = field(default_factory=dict, repr=False)
     _dummy: bytes = field(default=b"", repr=False)
+    cert_period: tuple[float, float] | None = field(default=None, repr=False)  # (notBefore, notAfter)
+    _cert_warned: bool = field(default=False, repr=False)
 
     # --- TLS -------------------------------------------------------------------------------------------
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -108,6 +111,7 @@ class WebConfig:
         stamp = _stamp(self.tls)
         with self._lock:
             if self._ctx is not None and stamp == self._stamp:
+                self._check_validity()
                 return self._ctx
             try:
                 ctx = build_ssl_context(self.tls)
@@ -120,7 +124,24 @@ class WebConfig:
             if self._ctx is not None:
                 log.info("TLS certificate files changed; reloaded")
             self._ctx, self._stamp = ctx, stamp
+            try:
+                self.cert_period = certinfo.read_validity(self.tls.cert_file)
+            except certinfo.CertInfoError as e:
+                self.cert_period = None
+                log.warning("cannot read the validity of %s: %s", self.tls.cert_file, e)
+            self._cert_warned = False
+            self._check_validity()
             return ctx
+
+    def _check_validity(self) -> None:
+        """Log once per certificate when it is expired or not valid yet (Python's TLS serves it anyway)."""
+        if self.cert_period is None or self._cert_warned or self.tls is None:
+            return
+        why = certinfo.problem(*self.cert_period)
+        if why:
+            self._cert_warned = True
+            log.warning("serving TLS certificate %s is %s; clients that verify it will fail",
+                        self.tls.cert_file, why)
 
     # --- basic auth ------------------------------------------------------------------------------------
     @property
