@@ -10,6 +10,7 @@ gaps in the scrapes. Before this change 0 of the probes succeeded during the att
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import time
@@ -137,5 +138,55 @@ def test_same_over_tls_after_the_handshake(tls_dir: Path) -> None:
         assert kubelet >= 0.9, f"only {kubelet:.0%} of kubelet probes succeeded during the TLS attack"
         assert prom == 1.0, "the keep-alive scrape connection was disturbed"
         assert attack["closed"] > 0
+    finally:
+        e.stop()
+
+
+def _client_hello() -> bytes:
+    """The bytes of a real ClientHello (Python's TLS client writing into memory)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_side=False)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_trickled_tls_handshake_is_closed_after_the_read_timeout(tls_dir: Path) -> None:
+    """A ClientHello sent a byte every 0.5 s is cut at the read timeout. This held before too (CPython's
+    blocking handshake has one deadline); it guards the non-blocking handshake that now shares the
+    connection's request deadline."""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
+    e = Exporter(["--web.read-timeout=2s", "--no-collector.table", f"--web.config.file={tls_dir / 'web.yml'}"])
+    try:
+        _wait_ready(e, ctx)
+        hello = _client_hello()
+        s = socket.create_connection(("127.0.0.1", e.port), timeout=5)
+        t0 = time.monotonic()
+        closed_at = None
+        for b in hello:
+            try:
+                s.sendall(bytes([b]))
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        closed_at = time.monotonic() - t0
+                        break
+                except BlockingIOError:
+                    pass
+                finally:
+                    s.setblocking(True)
+            except OSError:
+                closed_at = time.monotonic() - t0
+                break
+            if time.monotonic() - t0 > 6:
+                break
+            time.sleep(0.5)
+        s.close()
+        assert closed_at is not None and 1.5 <= closed_at <= 3.5, closed_at
     finally:
         e.stop()
