@@ -9,7 +9,7 @@ import argparse
 import os
 import re
 
-from exporter.core import logs
+from exporter.core import files, logs
 from exporter.core.errors import ConfigError
 from exporter.core.feature import AppContext, Built, Feature
 from exporter.core.flags import add_flag, duration
@@ -66,7 +66,8 @@ def resolve(args: argparse.Namespace) -> tuple[str | None, bool] | None:
         return None
     if args.kubernetes_kubeconfig:
         if not os.path.isfile(args.kubernetes_kubeconfig):
-            raise ConfigError(f"--kubernetes.kubeconfig: no such file: {args.kubernetes_kubeconfig}")
+            why = files.not_regular(args.kubernetes_kubeconfig) or "no such file"
+            raise ConfigError(f"--kubernetes.kubeconfig {args.kubernetes_kubeconfig}: {why}")
         return args.kubernetes_kubeconfig, False
     if in_cluster_available():
         return None, True

@@ -132,7 +132,19 @@ FILE_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "conntrack-bad-hex": (_fixture(CT, {"samples": [{"stats": ["xyz"]}]}), "not hex"),
     "conntrack-non-utf8": (_fixture(CT, b"\xff\xfe{}"), "not UTF-8"),
     "conntrack-fifo": (_fifo("--collector.conntrack.fixtures"), "is a FIFO"),
+    "kubeconfig-fifo": (lambda d: (os.mkfifo(d / "kc"), [f"--kubernetes.kubeconfig={d / 'kc'}"])[1], "is a FIFO"),
+    "kubeconfig-binary": (lambda d: ((d / "kc").write_bytes(b"\x89PNG\xff"),
+                                     [f"--kubernetes.kubeconfig={d / 'kc'}"])[1],
+                          "cannot load Kubernetes configuration"),
 }
+
+
+def test_fifo_in_kubeconfig_environment_exits_2(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "kc")
+    r, took = _run(["--kubernetes.enabled=true", "--no-collector.dns", "--no-collector.table"],
+                   env={"KUBECONFIG": f"{tmp_path / 'ok'}{os.pathsep}{tmp_path / 'kc'}"})
+    _one_line_exit_2(r, "is a FIFO")
+    assert took < 1.0 + _startup_slack()
 
 
 @pytest.mark.parametrize("case", list(FILE_CASES))
@@ -140,8 +152,10 @@ def test_bad_file_exits_2_with_one_line_in_under_a_second(case: str, tmp_path: P
     make, needle = FILE_CASES[case]
     args = make(tmp_path)
     # Enable only what the case needs, so the line is about the file under test.
-    base = ["--no-collector.dns", "--no-collector.table", "--kubernetes.enabled=false"]
+    base = ["--no-collector.dns", "--no-collector.table"]
     base = [a for a in base if not any(a == f"--no-{x.lstrip('-')}" for x in args)]
+    if not any(a.startswith("--kubernetes.") for a in args):
+        base.append("--kubernetes.enabled=false")
     r, took = _run([*base, *args])
     _one_line_exit_2(r, needle)
     # Python itself takes ~0.2 s to import the exporter; a FIFO or /dev/zero must not add to that.
