@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="DNS server to probe (kind static); repeatable.")
     add_flag(g, "--probe.resolv-conf", default="/etc/resolv.conf", metavar="PATH",
              help="Probe this file's nameservers (kind resolvconf) when no other target is configured; "
-                  "its search list and ndots drive --probe.search-name.")
+                  "its search list and ndots drive --probe.search-name. Re-read only when it changes; a FIFO, "
+                  "device or file over 256 KiB is refused.")
     add_flag(g, "--probe.nodelocal", default=None, type=server_address, metavar="IP[:PORT]",
              help="NodeLocal DNSCache address (e.g. 169.254.20.10), probed only while it answers.")
     add_flag(g, "--probe.name", action="append", type=probe_name, default=[DEFAULT_NAME], metavar="NAME",
