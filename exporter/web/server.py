@@ -12,8 +12,9 @@ the TLS handshake too) within `--web.read-timeout` however slowly it trickles in
 connection is closed after `--web.idle-timeout` (longer than any scrape interval, so Prometheus's
 connection survives). When every slot is taken, a new connection takes the slot of the slowest client
 (reading the longest without ever completing a request), else of the longest-idle keep-alive connection
-(see exporter/web/slots.py), so kubelet's probes and Prometheus are served during a slowloris attack; it
-is closed at once only when every connection is writing a response (logged, counted).
+(one-request connections before ones reused many times; see exporter/web/slots.py), so kubelet's probes
+and Prometheus are served during a slowloris attack; it is closed at once only when every connection is
+writing a response (logged, counted).
 TLS handshakes happen on the connection's thread, never in the accept loop. With `--web.config.file`
 (TLS, basic auth; see exporter/webconfig.py) every path needs credentials except `/`, `/-/healthy` and
 `/-/ready`, which kubelet probes must reach without them.

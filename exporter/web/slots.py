@@ -8,11 +8,11 @@ restarted. Here:
   connection: of the accept, TLS handshake included); each `recv` waits only for what is left of that;
 - between keep-alive requests a connection may be silent for `--web.idle-timeout`;
 - when every slot is taken, a new connection takes the slot of the connection that has been reading a
-  request the longest and never completed one (a slow or silent client), else of the keep-alive
-  connection idle the longest; a connection that is writing a response is never closed. So a kubelet
-  probe (a new connection that sends its request at once) gets a slot during an attack, and Prometheus's
-  keep-alive connection, which completed requests and is idle for at most a scrape interval, is among
-  the last to go.
+  request the longest and never completed one (a slow or silent client), else of the longest-idle
+  connection that completed one request, else of the longest-idle one that completed several; a
+  connection that is writing a response is never closed. So a kubelet probe (a new connection that sends
+  its request at once) gets a slot during an attack, and Prometheus's keep-alive connection, which
+  completes a request every scrape interval, is the last to go.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def victim(conns: Iterable[Conn]) -> Conn | None:
     candidates = [c for c in conns if c.state != BUSY and not c.evicted]
     if not candidates:
         return None
-    # Never completed a request first (slow/silent clients), then keep-alive ones; oldest state first.
-    return min(candidates, key=lambda c: (c.requests > 0, c.since))
+    # Never completed a request first (slow/silent clients), then connections with one request, then
+    # proven keep-alive clients (Prometheus reuses its connection every scrape); oldest state first.
+    return min(candidates, key=lambda c: (min(c.requests, 2), c.since))
 
 
 class RequestTimeout(TimeoutError):

@@ -142,6 +142,42 @@ def test_connection_cap_new_connections_take_the_slots_of_silent_ones_and_log_on
             s.close()
 
 
+def test_at_the_cap_idle_hogs_go_before_the_scraping_keepalive_connection() -> None:
+    """Clients that made one request and then hold their keep-alive connection idle fill every slot; new
+    connections (kubelet's probes) are served by closing the longest-idle hogs, never the connection
+    Prometheus keeps scraping on."""
+    srv = _serve(read_timeout=1.0, idle_timeout=60.0, max_connections=6)
+    hogs: list[http.client.HTTPConnection] = []
+    prom = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=3)
+    try:
+        for _ in range(2):  # Prometheus has scraped on this connection before
+            prom.request("GET", "/metrics")
+            prom.getresponse().read()
+        prom_local = prom.sock.getsockname()
+        for _ in range(5):
+            h = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=3)
+            h.request("GET", "/-/healthy")
+            h.getresponse().read()
+            hogs.append(h)
+        assert srv.open_connections == 6
+        for i in range(8):  # probes arrive; Prometheus scrapes in between, as every scrape interval
+            status, _, took = _scrape(srv.port)
+            assert status == 200 and took < 0.5
+            if i % 2:
+                prom.request("GET", "/metrics")
+                r = prom.getresponse()
+                assert r.status == 200 and b"test_value" in r.read()
+                assert prom.sock.getsockname() == prom_local, "Prometheus's connection was closed"
+        assert sum(closed_within(h.sock, 0.05) for h in hogs if h.sock is not None) >= 1
+        assert srv.evicted["idle"] >= 1 and srv.rejected == 0
+    finally:
+        prom.close()
+        for h in hogs:
+            h.close()
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_idle_keepalive_connection_closed_after_idle_timeout() -> None:
     srv = _serve(read_timeout=5.0, idle_timeout=0.3)
     try:

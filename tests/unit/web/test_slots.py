@@ -26,11 +26,12 @@ def test_oldest_never_completed_reader_goes_first() -> None:
     assert slots.victim([prometheus, trickler_new, writing, trickler_old]) is trickler_old
 
 
-def test_then_the_longest_idle_keepalive_connection() -> None:
-    prometheus = _conn(slots.IDLE, since=95.0, requests=7)     # scraped 5 s ago
-    hog = _conn(slots.IDLE, since=10.0, requests=1)            # one request, then silent for 90 s
+def test_then_one_request_connections_then_proven_keepalive_ones_longest_idle_first() -> None:
+    prometheus = _conn(slots.IDLE, since=5.0, requests=7)      # idle longer than the hog, but reused 7 times
+    hog = _conn(slots.IDLE, since=90.0, requests=1)            # one request, then silent
     reading_next = _conn(slots.READING, since=99.0, requests=7)  # a keep-alive client sending its next request
     assert slots.victim([prometheus, reading_next, hog]) is hog
+    assert slots.victim([prometheus, reading_next]) is prometheus
 
 
 def test_connections_writing_a_response_or_already_evicted_are_never_chosen() -> None:
