@@ -13,7 +13,11 @@ WORKDIR /src
 RUN python -m pip install build==1.6.1
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
-RUN python -m build --wheel --outdir /dist . \
+# The revision and branch become labels of conntrack_dns_exporter_build_info (exporter/app.py reads this file).
+ARG REVISION=unknown
+ARG BRANCH=unknown
+RUN python -c 'import sys; open("exporter/_build.py", "w").write(f"REVISION = {sys.argv[1]!r}\nBRANCH = {sys.argv[2]!r}\n")' "${REVISION}" "${BRANCH}" \
+ && python -m build --wheel --outdir /dist . \
  && python -m pip wheel --wheel-dir /wheels /dist/*.whl
 
 FROM ${PYTHON_IMAGE}

@@ -147,7 +147,10 @@ def test_install_steps_reproduced_in_a_clean_venv(tmp_path: Path) -> None:
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copy(ROOT / "README.md", src)
-    shutil.copytree(ROOT / "exporter", src / "exporter", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "exporter", src / "exporter", ignore=shutil.ignore_patterns("__pycache__", "_build.py"))
+    # The build stage's step that records the REVISION/BRANCH build args, run as Docker would run it.
+    subprocess.run([sys.executable, "-c", _build_info_snippet(), "deadbeef", "release/0.1"], check=True, cwd=src,
+                   timeout=60)
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)], check=True,
                    capture_output=True, timeout=300, env=env)
     built = list(dist.glob("*.whl"))
@@ -170,3 +173,22 @@ def test_install_steps_reproduced_in_a_clean_venv(tmp_path: Path) -> None:
     out = subprocess.run([str(py), "-m", "exporter", "--version"], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)
     assert out.returncode == 0 and __version__ in out.stdout, out.stderr
+    # The installed exporter reports the build args as build_info labels.
+    out = subprocess.run([str(py), "-c", "from exporter.app import BuildInfo; (f,) = BuildInfo().collect(); "
+                          "print(f.samples[0].labels['revision'], f.samples[0].labels['branch'])"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.split() == ["deadbeef", "release/0.1"], out.stderr
+
+
+def _build_info_snippet() -> str:
+    m = re.search(r"""RUN python -c '([^']+)' "\$\{REVISION\}" "\$\{BRANCH\}" """, DOCKERFILE.read_text())
+    assert m, "the build stage writes exporter/_build.py from the REVISION and BRANCH build args"
+    return m.group(1)  # single-quoted in the shell: passed to python exactly as written
+
+
+def test_build_stage_records_revision_and_branch_before_building_the_wheel() -> None:
+    build = stages()[0]
+    ops = [f"{op} {rest}" for op, rest in build]
+    assert "ARG REVISION=unknown" in ops and "ARG BRANCH=unknown" in ops
+    (run,) = [o for o in ops if "exporter/_build.py" in o]
+    assert run.index("exporter/_build.py") < run.index("python -m build")
