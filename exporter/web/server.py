@@ -148,7 +148,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.max_connections = max_connections
-        self.web_config = web_config
+        self._web_config = web_config
         self.ready = threading.Event()
         self._conns: set[_Conn] = set()
         self._lock = threading.Lock()
@@ -172,6 +172,17 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+    @property
+    def web_config(self) -> WebConfig | None:
+        """The web config now: re-read when its file changed (webconfig.WebConfig.reloaded)."""
+        cfg = self._web_config
+        if cfg is None:
+            return None
+        new = cfg.reloaded()
+        if new is not cfg:
+            self._web_config = new
+        return new
 
     @property
     def port(self) -> int:
@@ -293,7 +304,15 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
                                  "Metrics requests answered with a rendering another simultaneous request started.")
         sh.add_metric([], shared)
-        return [g, lim, r, t, a, sc, sh]
+        out: list[Metric] = [g, lim, r, t, a, sc, sh]
+        cfg = self.web_config
+        if cfg is not None:
+            ok = GaugeMetricFamily("conntrack_dns_exporter_web_config_last_reload_successful",
+                                   "1 if the last change of --web.config.file loaded (or it never changed), 0 if "
+                                   "it did not and the previous configuration is still in use.")
+            ok.add_metric([], 1.0 if cfg.reload_ok else 0.0)
+            out.append(ok)
+        return out
 
     def describe(self) -> list[Metric]:
         return []
