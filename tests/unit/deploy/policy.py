@@ -68,11 +68,15 @@ def check_pod_privileges(objs: tuple[Obj, ...]) -> None:
 
 
 def check_wiring(objs: tuple[Obj, ...], port: int = 19153) -> None:
-    """Flags the exporter accepts, the probes on its real endpoints, NODE_NAME from the downward API."""
+    """Flags the exporter accepts, the probes on its real endpoints, NODE_NAME from the downward API, and
+    every ServiceMonitor/PodMonitor scraping the path the exporter serves its metrics on."""
     c = container(objs)
     args = parse_args(c["args"])  # an unknown flag exits 2 here
     assert args.web_notrack is True
     assert args.web_listen_address[1] == port
+    for m in (o for o in objs if o["kind"] in ("ServiceMonitor", "PodMonitor")):
+        for ep in m["spec"].get("endpoints", []) + m["spec"].get("podMetricsEndpoints", []):
+            assert ep["path"] == args.web_telemetry_path, m["kind"]
     ports = {p["name"]: p for p in c["ports"]}
     assert ports["metrics"]["containerPort"] == ports["metrics"]["hostPort"] == port
     for probe, path in (("livenessProbe", "/-/healthy"), ("readinessProbe", "/-/ready")):
@@ -151,7 +155,7 @@ def check_monitor_feeds_the_rules(objs: tuple[Obj, ...]) -> None:
         assert m["metadata"]["namespace"] in m["spec"]["namespaceSelector"]["matchNames"]
         key = "endpoints" if m["kind"] == "ServiceMonitor" else "podMetricsEndpoints"
         (ep,) = m["spec"][key]
-        assert ep["port"] == "metrics" and ep["path"] == "/metrics"
+        assert ep["port"] == "metrics"
         assert int(ep["scrapeTimeout"].rstrip("s")) < int(ep["interval"].rstrip("s"))
         relabel = ep["relabelings"]
         assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node",

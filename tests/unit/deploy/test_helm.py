@@ -108,6 +108,7 @@ def test_non_default_values_reach_every_object() -> None:
     args = parse_args(c["args"])
     assert args.kubernetes_dns_service == ("dns-system", "coredns"), "Role and flag move together"
     assert "--probe.nodelocal=169.254.20.10" in c["args"]
+    assert args.web_telemetry_path == "/node/metrics"
     assert {e["name"] for e in c["env"]} == {"NODE_NAME", "CONNTRACK_DNS_EXPORTER_LOG_LEVEL"}
     assert one(objs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"] == {"example.com/team": "networking"}
     kinds = {o["kind"] for o in objs}
