@@ -34,6 +34,8 @@ SEL = 'job="$job", node=~"$node", instance=~"$instance"'
 RATE = "$__rate_interval"
 INFO = "conntrack_dns_exporter_build_info"
 PARALLEL = 'mode="parallel"'
+# The p99 line: gen_alerts' DNSProbeSlow threshold, under whichever name gen_alerts gives it.
+SLOW_SECONDS: float = getattr(gen_alerts, "SLOW_SECONDS", None) or gen_alerts.PROBE_P99_SECONDS
 Panel = dict[str, Any]
 
 
@@ -103,7 +105,7 @@ def column(name: str, unit: str, th: dict[str, Any] | None = None, decimals: int
 def glance_table() -> Panel:
     """One line per node: instant queries joined on `node`."""
     warn_ratio = gen_alerts.PROBE_FAILURE_RATIO
-    slow = gen_alerts.PROBE_P99_SECONDS
+    slow = SLOW_SECONDS
     cols = [
         ("A", "Table usage", f"max by (node) (conntrack_entries{sel()} / conntrack_entries_limit{sel()})",
          column("Table usage", "percentunit", steps(("green", None), ("orange", gen_alerts.TABLE_WARNING),
@@ -172,7 +174,7 @@ def table_usage_th() -> dict[str, Any]:
 def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
     """(row title, [(panel, width, height)]) in display order."""
     ratio_th = steps(("green", None), ("red", gen_alerts.PROBE_FAILURE_RATIO))
-    slow_th = steps(("green", None), ("orange", gen_alerts.PROBE_P99_SECONDS))
+    slow_th = steps(("green", None), ("orange", SLOW_SECONDS))
     glance = [
         (glance_table(), 24, 7),
         (timeseries("Service IP vs endpoints: failed or retried", (
@@ -183,7 +185,7 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
              target("B", failed_or_retried_share("node", "endpoint"), "{{node}} endpoints")], ratio_th, min=0), 8, 8),
         (timeseries("Service IP vs endpoints: p99 latency", (
             "Per node: p99 probe duration through the DNS Service IP and straight to the endpoints; 5 s and 10 s "
-            f"plateaus are resolver timeouts. Line at {gen_alerts.PROBE_P99_SECONDS * 1000:.0f} ms (DNSProbeSlow)."),
+            f"plateaus are resolver timeouts. Line at {SLOW_SECONDS * 1000:.0f} ms (DNSProbeSlow)."),
             "s", "DNSProbeSlow",
             [target("A", p99("node", 'kind="service"'), "{{node}} service IP"),
              target("B", p99("node", 'kind="endpoint"'), "{{node}} endpoints")], slow_th, min=0), 8, 8),
@@ -234,7 +236,7 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
     probes = [
         (timeseries("Probe latency p50 / p99 by node and target kind", (
             "Per node and target kind (service, endpoint, nodelocal, static). p99 line at "
-            f"{gen_alerts.PROBE_P99_SECONDS * 1000:.0f} ms (DNSProbeSlow)."), "s", "DNSProbeSlow",
+            f"{SLOW_SECONDS * 1000:.0f} ms (DNSProbeSlow)."), "s", "DNSProbeSlow",
             [target("A", p99("node, kind", q=0.5), "{{node}} {{kind}} p50"),
              target("B", p99("node, kind"), "{{node}} {{kind}} p99")], slow_th, min=0), 12, 8),
         ({"type": "heatmap", "title": "Probe latency heatmap", "alert": "DNSProbeSlow",

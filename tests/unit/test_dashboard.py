@@ -179,16 +179,17 @@ def test_thresholds_are_the_alert_rules() -> None:
     assert _steps(p["Probe failure ratio by node and target kind"]["fieldConfig"]["defaults"]["thresholds"]) == [
         gen_alerts.PROBE_FAILURE_RATIO]
     for t in ("Probe latency p50 / p99 by node and target kind", "Service IP vs endpoints: p99 latency"):
-        assert _steps(p[t]["fieldConfig"]["defaults"]["thresholds"]) == [gen_alerts.PROBE_P99_SECONDS], t
+        assert _steps(p[t]["fieldConfig"]["defaults"]["thresholds"]) == [gen_dashboard.SLOW_SECONDS], t
     columns = {o["matcher"]["options"]: {pr["id"]: pr["value"] for pr in o["properties"]}
                for o in p["Nodes at a glance"]["fieldConfig"]["overrides"]}
     assert _steps(columns["Table usage"]["thresholds"]) == [warn, crit]
     assert _steps(columns["Service IP failed/retried"]["thresholds"]) == [gen_alerts.PROBE_FAILURE_RATIO]
-    assert _steps(columns["Service IP p99"]["thresholds"]) == [gen_alerts.PROBE_P99_SECONDS]
+    assert _steps(columns["Service IP p99"]["thresholds"]) == [gen_dashboard.SLOW_SECONDS]
     # The thresholds are the numbers in the shipped rule file.
     rules = (ROOT / "alerts" / "conntrack-dns-exporter.rules.yaml").read_text()
-    for v in (crit, warn, gen_alerts.PROBE_FAILURE_RATIO, gen_alerts.PROBE_P99_SECONDS):
+    for v in (crit, warn, gen_alerts.PROBE_FAILURE_RATIO):
         assert f"> {v}" in rules, v
+    assert str(gen_dashboard.SLOW_SECONDS) in rules
 
 
 def test_breakdowns_are_per_node() -> None:
@@ -226,6 +227,34 @@ def test_queries_use_exported_metrics_and_the_variables() -> None:
         for metric, sel in selectors:
             for need in ('job="$job"', 'node=~"$node"', 'instance=~"$instance"'):
                 assert need in sel, f"{title}: {metric} ignores {need}"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (Debian package prometheus)")
+def test_the_alert_list_shows_what_the_shipped_rules_fire(tmp_path: Path) -> None:
+    """Prometheus's rule engine (promtool test rules) runs the shipped rule file on a node at 95% of its table
+    and one at 10%; the alert-list panel's query then returns exactly that node's firing table alerts, with
+    the labels its runbook links are built from."""
+    (panel,) = [p for p in panels() if p["title"] == "Firing alerts of this exporter"]
+    expr = concrete(panel["targets"][0]["expr"])
+    series = []
+    for node, used in (("bad-node", 95), ("good-node", 10)):
+        lab = f'job="conntrack-dns-exporter", instance="10.0.0.{used}:19153", node="{node}"'
+        series += [{"series": f"conntrack_entries{{{lab}}}", "values": f"{used}x60"},
+                   {"series": f"conntrack_entries_limit{{{lab}}}", "values": "100x60"}]
+    test = {
+        "rule_files": [str(ROOT / "alerts" / "conntrack-dns-exporter.rules.yaml")],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [{
+            "expr": expr, "eval_time": "40m",
+            "exp_samples": [
+                {"labels": f'{{alertname="{name}", severity="{sev}", node="bad-node"}}', "value": 1}
+                for name, sev in (("ConntrackTableNearFull", "critical"), ("ConntrackTableFilling", "warning"))],
+        }]}],
+    }
+    f = tmp_path / "alertlist.test.yaml"
+    f.write_text(yaml.safe_dump(test))
+    r = subprocess.run(["promtool", "test", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (Debian package prometheus)")
