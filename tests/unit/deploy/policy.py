@@ -42,9 +42,16 @@ def dockerfile_uid() -> int:
     return int(user.group(1))
 
 
+def image_file_capability() -> str:
+    """The flags of the interpreter's file capability in the Dockerfile (`ep` or `p`)."""
+    m = re.search(r"setcap cap_net_admin\+(\w+) /opt/venv/bin/python", (ROOT / "Dockerfile").read_text())
+    assert m, "the Dockerfile gives the venv interpreter a NET_ADMIN file capability"
+    return m.group(1)
+
+
 def check_pod_privileges(objs: tuple[Obj, ...]) -> None:
     """Only NET_ADMIN, non-root (the image's uid), read-only root filesystem, RuntimeDefault seccomp, not
-    privileged; privilege escalation allowed only because file capabilities need it (docs/deploy.md)."""
+    privileged; privilege escalation allowed only if the image's file capability needs it (docs/deploy.md)."""
     spec, c = pod_spec(objs), container(objs)
     assert spec["hostNetwork"] is True
     for flag in ("hostPID", "hostIPC"):
@@ -58,7 +65,9 @@ def check_pod_privileges(objs: tuple[Obj, ...]) -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == dockerfile_uid() != 0
     assert sc.get("runAsUser", spec["securityContext"]["runAsUser"]) != 0
-    assert sc["allowPrivilegeEscalation"] is True, "file capabilities are ignored under no_new_privs"
+    # Privilege escalation only where the image needs it: an effective file capability (`+ep`) is ignored under
+    # no_new_privs (tests/unit/test_deploy_capabilities.py), a permitted-only one (`+p`) is not.
+    assert sc["allowPrivilegeEscalation"] is (image_file_capability() == "ep"), "escalation beyond the image's need"
     # Only an in-memory /tmp is writable; nothing of the node's filesystem is mounted.
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp"}
     for v in spec["volumes"]:
