@@ -381,11 +381,8 @@ class _Handler(BaseHTTPRequestHandler):
         accept = self.headers.get("Accept", "")
         try:
             encoder, content_type = choose_encoder(accept)
-            if names:
-                wanted = frozenset(names)
-                body = self.server.exposition.render(
-                    f"{content_type} {' '.join(sorted(wanted))}",
-                    lambda registry: encoder(_Only(registry, wanted)))
+            if names:  # rare (ad-hoc debugging): rendered on its own, not shared with full scrapes
+                body = encoder(_Only(self.server.registry, frozenset(names)))
             else:
                 body = self.server.exposition.render(content_type, encoder)
         except Exception as e:  # never a traceback in a response (collectors are wrapped; this is a last resort)
