@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
-"""Generates the Helm chart's README (deploy/helm/conntrack-dns-exporter/README.md) from its values.yaml.
+"""Generates the Helm chart's README and values.schema.json (deploy/helm/conntrack-dns-exporter/) from its
+values.yaml.
 
-Every key preceded by a `# -- description` comment (the helm-docs convention; continuation lines are plain
-`#` comments) becomes a row: key path, type, default (from the parsed file), description. The text above the
-table comes from the README_INTRO below. `--check` exits 1 if the committed README differs (a unit test runs it).
+README: every key preceded by a `# -- description` comment (the helm-docs convention; continuation lines are
+plain `#` comments) becomes a row: key path, type, default (from the parsed file), description. The text above
+the table comes from the README_INTRO below.
 
-    python scripts/gen_chart_readme.py            # rewrite the README
-    python scripts/gen_chart_readme.py --check    # fail if it is stale
+values.schema.json: the type of every value, from its default, and no unknown keys in the chart's own
+sections, so `helm install/template/lint` stop with one line naming a mistyped key (`serviceMonitor.enable`)
+or a wrong type instead of silently ignoring it. Maps the user fills (labels, annotations, nodeSelector,
+resources, security contexts, probe timings) accept any keys.
+
+`--check` exits 1 if a committed file differs (a unit test runs it).
+
+    python scripts/gen_chart_readme.py            # rewrite both files
+    python scripts/gen_chart_readme.py --check    # fail if one is stale
 """
 
 from __future__ import annotations
@@ -24,6 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "conntrack-dns-exporter"
 VALUES = CHART / "values.yaml"
 README = CHART / "README.md"
+SCHEMA = CHART / "values.schema.json"
+# Values that are Kubernetes objects or user maps: any keys (Kubernetes validates what it receives).
+FREE_FORM = {"nodeSelector", "affinity", "updateStrategy", "podAnnotations", "podLabels", "livenessProbe",
+             "readinessProbe", "podSecurityContext", "securityContext", "resources", "additionalLabels",
+             "annotations"}
 
 README_INTRO = """\
 # conntrack-dns-exporter Helm chart
@@ -58,6 +71,9 @@ The alerts select `job="<full name>"` (`conntrack-dns-exporter` for a release of
 the ServiceMonitor gives (the Service name) and the PodMonitor sets; `job` overrides all three together.
 
 ## Values
+
+`values.schema.json` (generated with this table) rejects unknown keys in the chart's own sections and values of
+the wrong type: `helm install` stops with one line naming a mistyped key such as `serviceMonitor.enable`.
 
 | Key | Type | Default | Description |
 |-----|------|---------|-------------|
@@ -120,18 +136,45 @@ def render() -> str:
     return head + "".join(f"| {k} | {t} | {d} | {desc} |\n" for k, t, d, desc in rows(VALUES.read_text()))
 
 
+def _schema(value: Any, key: str = "") -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, int):
+        return {"type": "integer", "minimum": 1, "maximum": 65535} if key == "port" else {"type": "integer"}
+    if isinstance(value, str):
+        # `--set image.tag=1.2` or `--set dashboards.labelValue=1` arrive as numbers: accept those too.
+        return {"type": ["string", "number"]} if key in ("tag", "labelValue") else {"type": "string"}
+    if isinstance(value, list):
+        return {"type": "array"}
+    if key in FREE_FORM:
+        return {"type": "object"}
+    return {"type": "object", "additionalProperties": False,
+            "properties": {k: _schema(v, k) for k, v in value.items()}}
+
+
+def schema() -> str:
+    doc = _schema(yaml.safe_load(VALUES.read_text()))
+    doc = {"$schema": "http://json-schema.org/draft-07/schema#", "title": "conntrack-dns-exporter chart values",
+           **doc}
+    # Helm adds `global` for subcharts' sake; allow it.
+    doc["properties"]["global"] = {"type": "object"}
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the committed README is not up to date")
+    p.add_argument("--check", action="store_true", help="exit 1 if a committed file is not up to date")
     a = p.parse_args(argv)
-    text = render()
+    outputs = {README: render(), SCHEMA: schema()}
     if a.check:
-        if not README.exists() or README.read_text() != text:
-            print("stale chart README; run python scripts/gen_chart_readme.py", file=sys.stderr)
+        stale = [f.name for f, text in outputs.items() if not f.exists() or f.read_text() != text]
+        if stale:
+            print(f"stale chart {', '.join(stale)}; run python scripts/gen_chart_readme.py", file=sys.stderr)
             return 1
         return 0
-    README.write_text(text)
-    print(f"wrote {README.relative_to(ROOT)}")
+    for f, text in outputs.items():
+        f.write_text(text)
+        print(f"wrote {f.relative_to(ROOT)}")
     return 0
 
 

@@ -143,6 +143,26 @@ def test_a_servicemonitor_without_its_service_fails_with_one_line() -> None:
     assert "serviceMonitor.enabled needs service.enabled" in r.stderr
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ("serviceMonitor.enable=true", "serviceMonitor: Additional property enable is not allowed"),
+    ("servicemonitor.enabled=true", "Additional property servicemonitor is not allowed"),
+    ("port=abc", "port: Invalid type. Expected: integer, given: string"),
+    ("port=70000", "port: Must be less than or equal to 65535"),
+    ("prometheusRule.enabled=yes", "prometheusRule.enabled: Invalid type. Expected: boolean, given: string"),
+])
+def test_a_mistyped_value_stops_with_a_message_naming_it(setting: str, message: str) -> None:
+    """values.schema.json (generated from values.yaml): a typo is an error, not a silently ignored key."""
+    r = helm("template", "x", str(CHART), "--set", setting, check=False)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+
+
+def test_numbers_where_strings_are_expected_are_accepted() -> None:
+    objs = helm_template(NS, NS, "image.tag=1.2", "dashboards.enabled=true", "dashboards.labelValue=1")
+    assert policy.container(objs)["image"].endswith(":1.2")
+    assert one(objs, "ConfigMap")["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
 def test_generated_chart_files_are_current() -> None:
     assert gen_alerts.main(["--check"]) == 0, "run python scripts/gen_alerts.py"
     assert gen_chart_readme.main(["--check"]) == 0, "run python scripts/gen_chart_readme.py"
