@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from exporter import __version__
 from exporter.core import logs
-from exporter.core.flags import add_flag, parse_duration, parse_hostport, positive_int
+from exporter.core.flags import add_flag, check_env, parse_duration, parse_hostport, positive_int
 from exporter.features import all_features
 
 DEFAULT_PORT = 19153
@@ -21,6 +21,11 @@ PROG = "conntrack-dns-exporter"
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed = super().parse_known_args(args, namespace)
+        check_env(parsed[0])  # a bad environment twin counts only if the command line left that flag unset
+        return parsed
+
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
         raise SystemExit(2)
@@ -28,6 +33,13 @@ class _Parser(argparse.ArgumentParser):
 
 def listen_address(text: str) -> tuple[str, int]:
     return parse_hostport(text)
+
+
+def telemetry_path(text: str) -> str:
+    reserved = ("/", "/-/healthy", "/-/ready")
+    if not text.startswith("/") or text in reserved or any(c in text for c in "?# \t"):
+        raise argparse.ArgumentTypeError(f"invalid path {text!r} (want e.g. /metrics; not {', '.join(reserved)})")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g = p.add_argument_group("web")
     add_flag(g, "--web.listen-address", default=("", DEFAULT_PORT), type=listen_address, metavar="[HOST]:PORT",
-             help=f"Address to serve /metrics on (default :{DEFAULT_PORT}).")
+             help="Address to serve the metrics on.")
+    add_flag(g, "--web.telemetry-path", default="/metrics", type=telemetry_path, metavar="PATH",
+             help="Path under which the metrics are served.")
+    add_flag(g, "--web.disable-exporter-metrics", default=False, action="bool",
+             help="Leave out the metrics about the exporter process itself (process_*, python_*) and its web "
+                  "server (conntrack_dns_exporter_web_*).")
     add_flag(g, "--web.keepalive", default=True, action="bool",
              help="HTTP/1.1 keep-alive, so a scrape connection survives a full conntrack table.")
     add_flag(g, "--web.idle-timeout", default=300.0, type=parse_duration,

@@ -85,7 +85,7 @@ def _table(ev: Evidence) -> str:
             f"tcp {t.dns_entries.get('tcp', 0)}; stale DNS entries {stale}</p>")
 
 
-def render(live: LiveDiagnosis, node: str = "") -> bytes:
+def render(live: LiveDiagnosis, node: str = "", metrics_path: str = "/metrics") -> bytes:
     latest = live.latest()
     title = f"conntrack-dns-exporter{' on ' + node if node else ''}"
     now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -95,8 +95,8 @@ def render(live: LiveDiagnosis, node: str = "") -> bytes:
     else:
         v, ev = latest
         body += [_verdict(v), _conntrack(ev), _targets(ev), _table(ev)]
-    body.append('<p><a href="metrics">Metrics</a> · <a href="-/healthy">Health</a> · <a href="-/ready">Readiness</a>'
-                "</p>")
+    body.append(f'<p><a href="{_e(metrics_path.lstrip("/"))}">Metrics</a> · <a href="-/healthy">Health</a> · '
+                '<a href="-/ready">Readiness</a></p>')
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f'<meta http-equiv="refresh" content="{max(5, int(live.interval))}"><style>{_STYLE}</style></head>'
             f"<body>{''.join(body)}</body></html>\n").encode()
