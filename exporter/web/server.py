@@ -1,4 +1,7 @@
-"""The HTTP side: `/metrics`, `/-/healthy`, `/-/ready` and a landing page at `/`.
+"""The HTTP side: `/metrics` (`--web.telemetry-path`), `/-/healthy`, `/-/ready` and a landing page at `/`.
+
+`/metrics?name[]=a&name[]=b` returns only the samples named (or of the families named), as
+prometheus_client's own handler does; everything is still collected, only the output is filtered.
 
 prometheus_client's own server speaks HTTP/1.0 and closes the connection after every scrape. When the
 node's conntrack table is full, a new TCP connection to the exporter cannot be tracked and the scrape
@@ -7,26 +10,20 @@ connection, whose conntrack entry already exists (`--web.notrack` covers new con
 
 Every connection is served on its own thread, so a slow or silent client never delays other scrapes, and
 collection never waits for a probe (probes run in the background and only publish results). Threads are
-bounded by `--web.max-connections`. A request must be complete (line and headers; for a new connection
-the TLS handshake too) within `--web.read-timeout` however slowly it trickles in, and an idle keep-alive
-connection is closed after `--web.idle-timeout` (longer than any scrape interval, so Prometheus's
-connection survives). When every slot is taken, a new connection takes the slot of the slowest client
-(reading the longest without ever completing a request), else of the longest-idle keep-alive connection
-(one-request connections before ones reused many times; see exporter/web/slots.py), so kubelet's probes
-and Prometheus are served during a slowloris attack; it is closed at once only when every connection is
-writing a response (logged, counted).
+bounded by `--web.max-connections`; requests must be complete within `--web.read-timeout`, idle keep-alive
+connections last `--web.idle-timeout`, and at the limit a new connection takes the slot of the slowest or
+longest-idle one, so kubelet's probes and Prometheus are served during a slowloris attack (slots.py).
 TLS handshakes happen on the connection's thread, never in the accept loop. With `--web.config.file`
 (TLS, basic auth; see exporter/webconfig.py) every path needs credentials except `/`, `/-/healthy` and
 `/-/ready`, which kubelet probes must reach without them.
 
 Metrics: `conntrack_dns_exporter_web_connections` (gauge, open connections),
-`conntrack_dns_exporter_web_connections_rejected_total` (over the limit),
-`conntrack_dns_exporter_web_connections_evicted_total{state}` (closed to make room),
-`conntrack_dns_exporter_web_request_timeouts_total` (request incomplete after the read timeout),
+`conntrack_dns_exporter_web_connections_rejected_total` (over the limit), `..._evicted_total{state}`,
+`conntrack_dns_exporter_web_request_timeouts_total`,
 `conntrack_dns_exporter_web_tls_handshake_errors_total`, `conntrack_dns_exporter_web_auth_failures_total`,
 `conntrack_dns_exporter_web_scrapes_total`, `conntrack_dns_exporter_web_scrapes_shared_total` (scrapes that
-arrived while another rendered the registry and shared its result), and with TLS the serving certificate's
-`conntrack_dns_exporter_web_tls_certificate_not_{before,after}_timestamp_seconds` (exporter/web/certinfo.py).
+arrived while another rendered the registry and shared its result), with TLS the certificate's dates
+(certinfo.py).
 """
 
 from __future__ import annotations
@@ -44,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -58,7 +55,7 @@ from exporter.web.webconfig import WebConfig, WebConfigError
 
 log = logs.get("web")
 
-PUBLIC_PATHS = frozenset({"/", "/-/healthy", "/-/ready"})
+PUBLIC_PATHS = frozenset({"/-/healthy", "/-/ready"})  # kubelet probes; "/" only with landing_public
 REJECT_LOG_INTERVAL = 10.0
 
 
@@ -116,6 +113,21 @@ class Exposition:
         return flight.body
 
 
+class _Only:
+    """A registry view with only the samples named in `name[]` (a family's name selects all its samples)."""
+
+    def __init__(self, registry: CollectorRegistry, names: frozenset[str]) -> None:
+        self.registry, self.names = registry, names
+
+    def collect(self) -> Iterable[Metric]:
+        for fam in self.registry.collect():
+            samples = fam.samples if fam.name in self.names else [s for s in fam.samples if s.name in self.names]
+            if samples:
+                out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                out.samples = list(samples)
+                yield out
+
+
 class ExporterHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -124,23 +136,24 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, *, keepalive: bool = True,
                  idle_timeout: float = 300.0, read_timeout: float = 10.0, max_connections: int = 64,
-                 web_config: WebConfig | None = None) -> None:
+                 web_config: WebConfig | None = None, telemetry_path: str = "/metrics",
+                 landing: Callable[[], bytes] | None = None, landing_public: bool = False) -> None:
         self.registry = registry
+        self.telemetry_path = telemetry_path
+        self.landing = landing  # the status page's renderer (HTML bytes); None: a plain page of links
+        self.landing_public = landing_public
         self.exposition = Exposition(registry)
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.max_connections = max_connections
-        self.web_config = web_config
+        self._web_config = web_config
         self.ready = threading.Event()
         self._conns: set[Conn] = set()
         self._lock = threading.Lock()
         self._closing = False
         self.rejected = 0
-        self.evicted = {slots.READING: 0, slots.IDLE: 0}
-        self.request_timeouts = 0
-        self._evicted_logged = 0
-        self._last_evict_log = 0.0
+        self.evictions = slots.Evictions(max_connections)
         self.tls_errors = 0
         self.auth_failures = 0
         self._rejected_logged = 0
@@ -159,6 +172,23 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+    @property
+    def web_config(self) -> WebConfig | None:
+        """The web config now: re-read when its file changed (webconfig.WebConfig.reloaded)."""
+        cfg = self._web_config
+        if cfg is None:
+            return None
+        new = cfg.reloaded()
+        if new is not cfg:
+            self._web_config = new
+        return new
+
+    def reload_web_config(self) -> None:
+        """SIGHUP: re-read --web.config.file now, even if it looks unchanged (a broken one is kept out)."""
+        cfg = self._web_config
+        if cfg is not None:
+            self._web_config = cfg.reloaded(force=True)
 
     @property
     def port(self) -> int:
@@ -184,12 +214,11 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                 if evict is not None:
                     evict.evicted = True
                     self._conns.discard(evict)
-                    self.evicted[evict.state] = self.evicted.get(evict.state, 0) + 1
                     full = False
             if not full:
                 self._conns.add(conn)
         if evict is not None:
-            self._evict(evict)
+            self.evictions.close(evict)
         if full:
             self._reject(request)
             return
@@ -214,25 +243,6 @@ class ExporterHTTPServer(ThreadingHTTPServer):
             log.warning("connection limit reached (%d open, --web.max-connections); closed %d new connection(s)",
                         self.max_connections, n)
         self.shutdown_request(request)
-
-    def _evict(self, conn: Conn) -> None:
-        """Close `conn` (its thread wakes from recv and ends) to give its slot to a new connection."""
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
-        now = time.monotonic()
-        with self._lock:
-            total = sum(self.evicted.values())
-            should_log = now - self._last_evict_log >= REJECT_LOG_INTERVAL
-            if should_log:
-                self._last_evict_log = now
-                n, self._evicted_logged = total - self._evicted_logged, total
-        if should_log:
-            log.warning("connection limit reached (%d open, --web.max-connections); closed %d slow or idle "
-                        "connection(s) to serve new ones", self.max_connections, n)
-
-    def count_request_timeout(self) -> None:
-        with self._lock:
-            self.request_timeouts += 1
 
     def _serve_conn(self, conn: Conn, client_address: Any) -> None:
         try:
@@ -285,7 +295,6 @@ class ExporterHTTPServer(ThreadingHTTPServer):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             open_, rejected, tls_errors, auth = len(self._conns), self.rejected, self.tls_errors, self.auth_failures
-            evicted, timeouts = dict(self.evicted), self.request_timeouts
         g = GaugeMetricFamily("conntrack_dns_exporter_web_connections", "Open HTTP connections to the exporter.")
         g.add_metric([], open_)
         lim = GaugeMetricFamily("conntrack_dns_exporter_web_connections_limit",
@@ -300,6 +309,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         a = CounterMetricFamily("conntrack_dns_exporter_web_auth_failures",
                                 "Requests refused with 401: missing or wrong basic-auth credentials.")
         a.add_metric([], auth)
+        evicted, timeouts = self.evictions.counts()
         ev = CounterMetricFamily("conntrack_dns_exporter_web_connections_evicted",
                                  "Connections closed to give their slot to a new one while --web.max-connections "
                                  "were open, by the state they were in (reading a request, idle keep-alive).",
@@ -317,8 +327,16 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
                                  "Metrics requests answered with a rendering another simultaneous request started.")
         sh.add_metric([], shared)
+        out: list[Metric] = [g, lim, r, t, a, sc, sh, ev, rt]
         cfg = self.web_config
-        return [g, lim, r, t, a, sc, sh, ev, rt, *certinfo.families(cfg.cert_period if cfg is not None else None)]
+        if cfg is not None:
+            ok = GaugeMetricFamily("conntrack_dns_exporter_web_config_last_reload_successful",
+                                   "1 if the last change of --web.config.file loaded (or it never changed), 0 if "
+                                   "it did not and the previous configuration is still in use.")
+            ok.add_metric([], 1.0 if cfg.reload_ok else 0.0)
+            out.append(ok)
+            out += certinfo.families(cfg.cert_period)
+        return out
 
     def describe(self) -> list[Metric]:
         return []
@@ -358,17 +376,19 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if self._reader.timed_out:
                 self._reader.timed_out = False
-                self.server.count_request_timeout()
+                self.server.evictions.count_timeout()
                 self.close_connection = True
         if self.conn.state == slots.BUSY:
             self.conn.response_sent()
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path not in PUBLIC_PATHS and not self._authorized():
+        url = urlsplit(self.path)
+        path = url.path
+        public = path in PUBLIC_PATHS or (path == "/" and self.server.landing_public)
+        if not public and not self._authorized():
             return
-        if path == "/metrics":
-            self._metrics()
+        if path == self.server.telemetry_path:
+            self._metrics(parse_qs(url.query).get("name[]", []))
         elif path == "/-/healthy":
             self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
         elif path == "/-/ready":
@@ -377,7 +397,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(503, b"Not ready\n", "text/plain; charset=utf-8")
         elif path == "/":
-            self._send(200, self._landing(), "text/html; charset=utf-8")
+            self._send(200, self._landing(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
         else:
             self._send(404, b"Not found\n", "text/plain; charset=utf-8")
 
@@ -402,11 +422,14 @@ class _Handler(BaseHTTPRequestHandler):
                    {"WWW-Authenticate": 'Basic realm="conntrack-dns-exporter", charset="UTF-8"'})
         return False
 
-    def _metrics(self) -> None:
+    def _metrics(self, names: list[str]) -> None:
         accept = self.headers.get("Accept", "")
         try:
             encoder, content_type = choose_encoder(accept)
-            body = self.server.exposition.render(content_type, encoder)
+            if names:  # rare (ad-hoc debugging): rendered on its own, not shared with full scrapes
+                body = encoder(_Only(self.server.registry, frozenset(names)))
+            else:
+                body = self.server.exposition.render(content_type, encoder)
         except Exception as e:  # never a traceback in a response (collectors are wrapped; this is a last resort)
             log.error("exposition failed: %s: %s", type(e).__name__, e)
             self._send(500, b"internal error while collecting metrics; see the exporter's log\n",
@@ -419,11 +442,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body, content_type, headers)
 
     def _landing(self) -> bytes:
+        if self.server.landing is not None:
+            try:
+                return self.server.landing()
+            except Exception as e:  # the page is best effort; the links below always work
+                log.error("status page failed: %s: %s", type(e).__name__, e)
         return (
             "<!DOCTYPE html><html><head><title>conntrack-dns-exporter</title></head><body>"
             f"<h1>conntrack-dns-exporter</h1><p>Version {html.escape(__version__)}</p>"
             "<p>Conntrack table statistics and synthetic DNS probes of the node's DNS path.</p>"
-            '<ul><li><a href="metrics">Metrics</a></li><li><a href="-/healthy">Health</a></li>'
+            f'<ul><li><a href="{html.escape(self.server.telemetry_path.lstrip("/"))}">Metrics</a></li>'
+            '<li><a href="-/healthy">Health</a></li>'
             '<li><a href="-/ready">Readiness</a></li></ul>'
             "</body></html>\n"
         ).encode()

@@ -17,12 +17,19 @@ restarted. Here:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterable
+
+from exporter.core import logs
+
+log = logs.get("web")
+LOG_INTERVAL = 10.0
 
 READING, BUSY, IDLE = "reading", "busy", "idle"
 
@@ -57,6 +64,43 @@ def victim(conns: Iterable[Conn]) -> Conn | None:
     # Never completed a request first (slow/silent clients), then connections with one request, then
     # proven keep-alive clients (Prometheus reuses its connection every scrape); oldest state first.
     return min(candidates, key=lambda c: (min(c.requests, 2), c.since))
+
+
+class Evictions:
+    """Closes evicted connections and counts them (by state) and request timeouts; logs at most once per
+    LOG_INTERVAL."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.by_state = {READING: 0, IDLE: 0}
+        self.request_timeouts = 0
+        self._lock = threading.Lock()
+        self._logged = 0
+        self._last_log = 0.0
+
+    def close(self, conn: Conn) -> None:
+        """Close `conn` (its thread wakes from recv and ends): its slot goes to a new connection."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        now = time.monotonic()
+        with self._lock:
+            self.by_state[conn.state] = self.by_state.get(conn.state, 0) + 1
+            total = sum(self.by_state.values())
+            should_log = now - self._last_log >= LOG_INTERVAL
+            if should_log:
+                self._last_log = now
+                n, self._logged = total - self._logged, total
+        if should_log:
+            log.warning("connection limit reached (%d open, --web.max-connections); closed %d slow or idle "
+                        "connection(s) to serve new ones", self.max_connections, n)
+
+    def count_timeout(self) -> None:
+        with self._lock:
+            self.request_timeouts += 1
+
+    def counts(self) -> tuple[dict[str, int], int]:
+        with self._lock:
+            return dict(self.by_state), self.request_timeouts
 
 
 class RequestTimeout(TimeoutError):

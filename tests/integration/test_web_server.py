@@ -169,7 +169,7 @@ def test_at_the_cap_idle_hogs_go_before_the_scraping_keepalive_connection() -> N
                 assert r.status == 200 and b"test_value" in r.read()
                 assert prom.sock.getsockname() == prom_local, "Prometheus's connection was closed"
         assert sum(closed_within(h.sock, 0.05) for h in hogs if h.sock is not None) >= 1
-        assert srv.evicted["idle"] >= 1 and srv.rejected == 0
+        assert srv.evictions.by_state["idle"] >= 1 and srv.rejected == 0
     finally:
         prom.close()
         for h in hogs:

@@ -101,7 +101,7 @@ def test_sighup_reloads_the_web_config_and_a_broken_one_keeps_the_previous(tmp_p
         assert e.get("/metrics", _auth("old-secret"))[0] == 200
         _write(cfg, "new-secret")
         e.proc.send_signal(signal.SIGHUP)
-        _wait_log(e, "web config reloaded")
+        _wait_log(e, "reloaded (SIGHUP)")
         assert e.get("/metrics", _auth("old-secret"))[0] == 401
         assert e.get("/metrics", _auth("new-secret"))[0] == 200
 
