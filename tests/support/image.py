@@ -56,7 +56,7 @@ STORAGE_CONF = """\
 [storage]
 driver = "overlay"
 graphroot = "{state}/storage"
-runroot = "/run/cdet-image"
+runroot = "/run/{runname}"
 """
 
 
@@ -78,7 +78,7 @@ def env() -> dict[str, str]:
     for d in ("no-cni-plugins", "networks"):
         (STATE / d).mkdir(exist_ok=True)
     (STATE / "containers.conf").write_text(CONTAINERS_CONF.format(state=STATE))
-    (STATE / "storage.conf").write_text(STORAGE_CONF.format(state=STATE))
+    (STATE / "storage.conf").write_text(STORAGE_CONF.format(state=STATE, runname=STATE.name))
     return {**os.environ, "CONTAINERS_CONF": str(STATE / "containers.conf"),
             "CONTAINERS_STORAGE_CONF": str(STATE / "storage.conf")}
 
