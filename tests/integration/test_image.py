@@ -10,8 +10,9 @@ tests/support/image.py says how and why podman can never set up its bridge netwo
 - the same without NET_ADMIN (removed by a policy): it must still serve.
 The machine's own nft ruleset and ip_forward are checked unchanged afterwards.
 
-Slow (a build takes about half a minute with a warm base, the first base about 45 s more): marked `image`
-and skipped unless CDET_IMAGE_TEST=1 (`make image-test` sets it). Needs root, podman, runc, mmdebstrap.
+Slow (about 45 s with the base in place, of which the build is about 40 s; about 2 min the first time):
+marked `image` and skipped unless CDET_IMAGE_TEST=1 (`make image-test` sets it). Needs root, podman, runc,
+mmdebstrap.
 """
 
 from __future__ import annotations
