@@ -22,6 +22,9 @@ from exporter.core import caps, logs
 from exporter.core.errors import ExporterError
 from exporter.core.feature import AppContext
 from exporter.core.scrape import Collector, ScrapeWrapper, Service
+from exporter.diagnose import page
+from exporter.diagnose.live import LiveDiagnosis
+from exporter.discovery import Target
 from exporter.features import all_features
 from exporter.web import webconfig
 from exporter.web.notrack import Notrack, NotrackError
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     services: list[Service] = []
     try:
         for feature in all_features():
+            feature.validate(args)
             built = feature.build(args, ctx)
             collectors += built.collectors
             services += built.services
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
         return 2
     registry = build_registry(collectors)
+    live = _live_diagnosis(args, ctx)
+    services.append(live)
     web_config = None
     if args.web_config_file:
         try:
@@ -75,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = ExporterHTTPServer(host, port, registry, keepalive=args.web_keepalive,
                                     idle_timeout=args.web_idle_timeout, read_timeout=args.web_read_timeout,
-                                    max_connections=args.web_max_connections, web_config=web_config)
+                                    max_connections=args.web_max_connections, web_config=web_config,
+                                    landing=lambda: page.render(live, args.kubernetes_node_name),
+                                    landing_public=args.web_status_page_public)
     except OSError as e:
         sys.stderr.write(f"conntrack-dns-exporter: error: cannot listen on {host}:{port}: {e.strerror}\n")
         return 2
@@ -104,6 +112,15 @@ def run(args: argparse.Namespace) -> int:
             exempt.remove()
     _exit_if_threads_linger(code)
     return code
+
+
+def _live_diagnosis(args: argparse.Namespace, ctx: AppContext) -> LiveDiagnosis:
+    """The `/` page's verdict, from what the data paths already measure (no extra probes or scans)."""
+    nodelocal = None
+    if getattr(args, "probe_nodelocal", None) is not None:
+        host, port = args.probe_nodelocal
+        nodelocal = Target(host, port, "nodelocal").server
+    return LiveDiagnosis(ctx, nodelocal=nodelocal)
 
 
 def _exit_if_threads_linger(code: int) -> None:

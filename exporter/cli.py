@@ -1,7 +1,8 @@
 """Command line: Go-exporter-style flags, each with a CONNTRACK_DNS_EXPORTER_* environment twin.
 
 Bad input (unknown flag, bad value, unusable listen address) exits 2 with one line on stderr.
-Subcommands: `record` (a fixture of this namespace's conntrack statistics and table; `record --help`).
+Subcommands: `diagnose` (the node's DNS path checked, with a verdict) and `record` (a fixture of this
+namespace's conntrack statistics and table); each has `--help`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def listen_address(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
-                epilog="Subcommands: record (capture a replayable fixture of this namespace; record --help).",
+                epilog="Subcommands: diagnose (check the node's DNS path and name the cause; diagnose --help), "
+                       "record (capture a replayable fixture of this namespace; record --help).",
                 allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g = p.add_argument_group("web")
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="Open connections (one thread each) above which new ones are closed at once.")
     add_flag(g, "--web.config.file", default="", metavar="FILE",
              help="Prometheus exporter-toolkit web config (TLS, basic auth); /, /-/healthy, /-/ready stay open.")
+    add_flag(g, "--web.status-page.public", default=False, action="bool",
+             help="Serve the / status page without the web config's basic auth (it shows node and pod names).")
     add_flag(g, "--web.notrack", default=False, action="bool",
              help="Exempt the listen port from conntrack with an nftables NOTRACK table (needs nft, CAP_NET_ADMIN).")
     add_flag(g, "--web.notrack.check-interval", default=30.0, type=parse_duration,
@@ -63,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-SUBCOMMANDS = {"record": "exporter.record"}
+SUBCOMMANDS = {"record": "exporter.record", "diagnose": "exporter.diagnose.command"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(conntrack nftables iproute2 dnsmasq-base unbound prometheus prometheus-alertmanager
+APT_PACKAGES=(conntrack nftables iproute2 dnsmasq-base unbound prometheus prometheus-alertmanager chromium
               prometheus-node-exporter dnsutils libcap2-bin procps util-linux openssl)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}

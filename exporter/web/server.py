@@ -47,7 +47,7 @@ from exporter.web.webconfig import WebConfig, WebConfigError
 
 log = logs.get("web")
 
-PUBLIC_PATHS = frozenset({"/", "/-/healthy", "/-/ready"})
+PUBLIC_PATHS = frozenset({"/-/healthy", "/-/ready"})  # kubelet probes; "/" only with landing_public
 REJECT_LOG_INTERVAL = 10.0
 
 
@@ -122,8 +122,11 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, *, keepalive: bool = True,
                  idle_timeout: float = 300.0, read_timeout: float = 10.0, max_connections: int = 64,
-                 web_config: WebConfig | None = None) -> None:
+                 web_config: WebConfig | None = None, landing: Callable[[], bytes] | None = None,
+                 landing_public: bool = False) -> None:
         self.registry = registry
+        self.landing = landing  # the status page's renderer (HTML bytes); None: a plain page of links
+        self.landing_public = landing_public
         self.exposition = Exposition(registry)
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -301,7 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
-        if path not in PUBLIC_PATHS and not self._authorized():
+        public = path in PUBLIC_PATHS or (path == "/" and self.server.landing_public)
+        if not public and not self._authorized():
             return
         if path == "/metrics":
             self._metrics()
@@ -313,7 +317,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(503, b"Not ready\n", "text/plain; charset=utf-8")
         elif path == "/":
-            self._send(200, self._landing(), "text/html; charset=utf-8")
+            self._send(200, self._landing(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
         else:
             self._send(404, b"Not found\n", "text/plain; charset=utf-8")
 
@@ -355,6 +359,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body, content_type, headers)
 
     def _landing(self) -> bytes:
+        if self.server.landing is not None:
+            try:
+                return self.server.landing()
+            except Exception as e:  # the page is best effort; the links below always work
+                log.error("status page failed: %s: %s", type(e).__name__, e)
         return (
             "<!DOCTYPE html><html><head><title>conntrack-dns-exporter</title></head><body>"
             f"<h1>conntrack-dns-exporter</h1><p>Version {html.escape(__version__)}</p>"
