@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.core import logs
+from exporter.core import caps, logs
 from exporter.core.errors import ExporterError
 from exporter.core.feature import AppContext
 from exporter.core.scrape import Collector, ScrapeWrapper, Service
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                                     idle_timeout=args.web_idle_timeout, read_timeout=args.web_read_timeout,
                                     max_connections=args.web_max_connections, web_config=web_config,
                                     telemetry_path=args.web_telemetry_path,
-                                    landing=lambda: page.render(live, args.kubernetes_node_name, args.web_telemetry_path),
+                                    landing=lambda: page.render(live, args.kubernetes_node_name,
+                                                                args.web_telemetry_path),
                                     landing_public=args.web_status_page_public)
     except OSError as e:
         sys.stderr.write(f"conntrack-dns-exporter: error: cannot listen on {host}:{port}: {e.strerror}\n")
@@ -116,11 +117,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             exempt.install()
         except NotrackError as e:
-            # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
-            # than run without it and be unreachable exactly when the table fills.
-            server.server_close()
-            sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
-            return 2
+            if not caps.net_admin_missing():
+                # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
+                # than run without it and be unreachable exactly when the table fills.
+                server.server_close()
+                sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
+                return 2
+            # No NET_ADMIN at all (e.g. removed by policy): nothing that needs it can work, so serve what can
+            # be served (DNS probes, collector_success 0) instead of crash-looping; the rule gauge says 0.
+            log.warning("%s; serving without it: %s", e, caps.why_missing())
         registry.register(exempt)
         services.append(exempt)
     try:

@@ -1,16 +1,20 @@
-"""Why the image runs non-root with file capabilities, proven on this kernel.
+"""Why the image runs non-root with a permitted-only file capability, proven on this kernel.
 
-Kubernetes puts `securityContext.capabilities.add: [NET_ADMIN]` into the container's bounding set, but for a
-non-root UID the runtimes (containerd, CRI-O) set no ambient capabilities, so the kernel clears the permitted
-and effective sets at exec: the process has NET_ADMIN in its bounding set and cannot use it. The image fixes
-that with a file capability (`setcap cap_net_admin+ep`) on the venv's own interpreter and on `nft`, and the
-DaemonSet must allow privilege escalation, because no_new_privs (allowPrivilegeEscalation: false) makes the
-kernel ignore file capabilities.
+Kubernetes puts `securityContext.capabilities.add: [NET_ADMIN]` into the container's bounding set, and runc
+(what containerd and CRI-O run) also into the permitted and effective sets, keeping them across the switch to
+the non-root uid; but it sets no ambient capabilities, so the exec of the entrypoint recomputes the sets from
+the executable's file capabilities: an ordinary binary ends up with NET_ADMIN only in its bounding set. The
+image's interpreter carries `cap_net_admin+p`: at exec NET_ADMIN is permitted (masked by the bounding set, and
+under no_new_privs by the permitted set the runtime kept), and exporter/core/caps.py makes it effective, and
+ambient for the `nft` child. Without the effective bit the exec also succeeds when the bounding set lacks
+NET_ADMIN (`+ep` fails it: `operation not permitted`), so a pod whose NET_ADMIN a policy removed still serves.
 
-Each case starts the real exporter as uid 65534 in a fresh network namespace with `setpriv`, with the bounding
-set reduced to NET_ADMIN (what the DaemonSet's drop ALL / add NET_ADMIN gives), and reads its
-`conntrack_dns_exporter_collector_success{collector="conntrack"}` (netlink conntrack statistics need
-CAP_NET_ADMIN). Needs root, setpriv, setcap and an interpreter that uid 65534 can read.
+Each case starts the real exporter as uid 65534 in a fresh network namespace with `setpriv`, which, like runc,
+keeps the permitted set across the uid switch and execs the interpreter directly (an intermediate exec, e.g.
+of `env`, would empty the permitted set first: one case shows it), with the bounding set reduced to what the
+DaemonSet gives, and reads `conntrack_dns_exporter_collector_success{collector="conntrack"}` (netlink
+conntrack statistics need CAP_NET_ADMIN). tests/integration/test_image.py runs the built image with runc
+itself. Needs root, setpriv, setcap, nft and an interpreter that uid 65534 can read.
 """
 
 from __future__ import annotations
@@ -75,8 +79,9 @@ pytestmark = pytest.mark.skipif(_skip() is not None, reason=_skip() or "")
 
 @pytest.fixture(scope="module")
 def image_like() -> Iterator[Path]:
-    """A directory laid out like the image: a `venv --copies` interpreter with and without the file capability,
-    and `nft` with and without it. Dependencies come from the test venv through a .pth file."""
+    """A directory laid out like the image: a `venv --copies` interpreter without a file capability, with the
+    image's `cap_net_admin+p` and with the former `+ep`, and a plain `nft` (the image's has no file capability).
+    Dependencies come from the test venv through a .pth file."""
     d = Path(tempfile.mkdtemp(prefix="cdet-caps-", dir="/tmp"))
     try:
         d.chmod(0o755)
@@ -89,27 +94,30 @@ def image_like() -> Iterator[Path]:
         (site / "project.pth").write_text(f"{ROOT}\n{deps}\n")
         py = d / "venv" / "bin" / "python"
         assert not py.is_symlink()
-        shutil.copy2(py, d / "venv" / "bin" / "python-capable")
-        subprocess.run(["setcap", "cap_net_admin+ep", str(d / "venv" / "bin" / "python-capable")], check=True)
-        for sub in ("nft-plain", "nft-capable"):
-            (d / sub).mkdir()
-            (d / sub).chmod(0o755)
-            shutil.copy2(str(shutil.which("nft")), d / sub / "nft")
-        subprocess.run(["setcap", "cap_net_admin+ep", str(d / "nft-capable" / "nft")], check=True)
+        for name, fcap in (("python-p", "cap_net_admin+p"), ("python-ep", "cap_net_admin+ep")):
+            shutil.copy2(py, d / "venv" / "bin" / name)
+            subprocess.run(["setcap", fcap, str(d / "venv" / "bin" / name)], check=True)
+        (d / "nft").mkdir()
+        (d / "nft").chmod(0o755)
+        shutil.copy2(str(shutil.which("nft")), d / "nft" / "nft")
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run_as_nobody(ns: Netns, python: Path, nft_dir: Path, *, no_new_privs: bool, extra: list[str]
-                  ) -> tuple[subprocess.Popen[str], Path]:
+def run_as_nobody(ns: Netns, python: Path, nft_dir: Path, *, bounding: str, no_new_privs: bool, extra: list[str],
+                  through_env: bool = False) -> tuple[subprocess.Popen[str], Path]:
+    """The exporter as uid 65534 with the given bounding set: setpriv keeps the permitted set across the uid
+    switch and execs the interpreter itself, as runc does; `through_env` puts an `env` exec in between."""
     log = Path(tempfile.mkstemp(prefix="cdet-caps-log-")[1])
+    environ = {"PATH": f"{nft_dir}:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
+               "CONNTRACK_DNS_EXPORTER_COLLECTOR_DNS": "false"}
     argv = ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all",
-            "--bounding-set=-all,+net_admin", *(["--no-new-privs"] if no_new_privs else []),
-            "env", f"PATH={nft_dir}:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1",
+            f"--bounding-set=-all{bounding}", *(["--no-new-privs"] if no_new_privs else []),
+            *(["env"] if through_env else []),
             str(python), "-m", "exporter", f"--web.listen-address=127.0.0.1:{PORT}", *NO_FEATURES, *extra]
     with log.open("w") as f:
-        proc = subprocess.Popen(ns.cmd(argv), stdout=subprocess.DEVNULL, stderr=f, text=True, cwd="/")
+        proc = subprocess.Popen(ns.cmd(argv), stdout=subprocess.DEVNULL, stderr=f, text=True, cwd="/", env=environ)
     return proc, log
 
 
@@ -143,15 +151,23 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-@pytest.mark.parametrize(("interpreter", "no_new_privs", "works"), [
-    ("python", False, False),          # capabilities.add alone, non-root: NET_ADMIN only in the bounding set
-    ("python-capable", False, True),   # the image: file capability on the interpreter
-    ("python-capable", True, False),   # the same with allowPrivilegeEscalation: false (no_new_privs)
-], ids=["bounding-set-only", "file-capability", "file-capability-under-no-new-privs"])
-def test_net_admin_is_effective_for_a_non_root_user_only_through_file_capabilities(
-        netns: Netns, image_like: Path, interpreter: str, no_new_privs: bool, works: bool) -> None:
-    proc, log = run_as_nobody(netns, image_like / "venv" / "bin" / interpreter, image_like / "nft-plain",
-                              no_new_privs=no_new_privs, extra=[])
+NET_ADMIN = ",+net_admin"  # the DaemonSet: drop ALL, add NET_ADMIN
+NONE = ""                  # the same with NET_ADMIN removed by a policy
+
+
+@pytest.mark.parametrize(("interpreter", "bounding", "no_new_privs", "through_env", "works"), [
+    ("python", NET_ADMIN, True, False, False),   # capabilities.add alone, non-root: only in the bounding set
+    ("python-p", NET_ADMIN, True, False, True),  # the image as deployed (allowPrivilegeEscalation: false)
+    ("python-p", NET_ADMIN, False, False, True),  # the same with allowPrivilegeEscalation: true
+    ("python-p", NONE, True, False, False),      # NET_ADMIN removed by policy: starts, serves, says 0
+    ("python-p", NET_ADMIN, True, True, False),  # an exec in between (env) empties the permitted set first
+], ids=["bounding-set-only", "file-capability-no-new-privs", "file-capability-escalation-allowed",
+        "no-net-admin-in-bounding-set", "through-env-under-no-new-privs"])
+def test_net_admin_is_effective_for_a_non_root_user_through_the_permitted_file_capability(
+        netns: Netns, image_like: Path, interpreter: str, bounding: str, no_new_privs: bool, through_env: bool,
+        works: bool) -> None:
+    proc, log = run_as_nobody(netns, image_like / "venv" / "bin" / interpreter, image_like / "nft",
+                              bounding=bounding, no_new_privs=no_new_privs, through_env=through_env, extra=[])
     try:
         samples = parse(scrape(netns, proc))
     finally:
@@ -161,28 +177,62 @@ def test_net_admin_is_effective_for_a_non_root_user_only_through_file_capabiliti
     assert value(samples, "conntrack_dns_exporter_collector_success", collector="conntrack") == (1.0 if works else 0.0)
     assert (value(samples, "conntrack_entries") is not None) == works
     if not works:
-        assert "NET_ADMIN" in text or "not permitted" in text.lower(), text
+        assert "NET_ADMIN" in text, text
 
 
-@pytest.mark.parametrize("nft_dir", ["nft-capable", "nft-plain"])
-def test_notrack_needs_the_capability_on_nft_too(netns: Netns, image_like: Path, nft_dir: str) -> None:
-    """Capabilities of the (file-capable) interpreter do not pass to the `nft` child it runs: the child needs
-    its own file capability, as the Dockerfile gives it."""
-    proc, log = run_as_nobody(netns, image_like / "venv" / "bin" / "python-capable", image_like / nft_dir,
-                              no_new_privs=False, extra=["--web.notrack"])
+def test_effective_bit_makes_the_exec_fail_without_net_admin(netns: Netns, image_like: Path) -> None:
+    """Why `+p` and not `+ep`: with the effective bit the kernel refuses the exec outright when the bounding
+    set lacks the capability, so not even `--version` runs (the image before issue 13)."""
+    proc, log = run_as_nobody(netns, image_like / "venv" / "bin" / "python-ep", image_like / "nft",
+                              bounding=NONE, no_new_privs=True, extra=["--version"])
     try:
-        if nft_dir == "nft-capable":
-            samples = parse(scrape(netns, proc))
-            assert value(samples, "conntrack_dns_exporter_web_notrack_rule_present") == 1.0
-            listed = netns.exec(["nft", "list", "table", "inet", "conntrack_dns_exporter_notrack"], check=False)
-            assert listed.returncode == 0 and "notrack" in listed.stdout
-            stop(proc)
-            assert proc.returncode == 0
-            gone = netns.exec(["nft", "list", "table", "inet", "conntrack_dns_exporter_notrack"], check=False)
-            assert gone.returncode != 0, "the NOTRACK table outlived the exporter"
-        else:
-            assert proc.wait(timeout=15) == 2
-            assert "not permitted" in log.read_text().lower()
+        assert proc.wait(timeout=15) != 0
+        assert "not permitted" in log.read_text().lower()
     finally:
         stop(proc)
         log.unlink()
+    proc, log = run_as_nobody(netns, image_like / "venv" / "bin" / "python-p", image_like / "nft",
+                              bounding=NONE, no_new_privs=True, extra=["--version"])
+    try:
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        stop(proc)
+        log.unlink()
+
+
+def test_notrack_with_a_plain_nft_through_the_ambient_set(netns: Netns, image_like: Path) -> None:
+    """The exporter passes NET_ADMIN to its `nft` child through the ambient set (nft has no file capability
+    in the image), also under no_new_privs; the table is gone after SIGTERM."""
+    proc, log = run_as_nobody(netns, image_like / "venv" / "bin" / "python-p", image_like / "nft",
+                              bounding=NET_ADMIN, no_new_privs=True, extra=["--web.notrack"])
+    try:
+        samples = parse(scrape(netns, proc))
+        assert value(samples, "conntrack_dns_exporter_web_notrack_rule_present") == 1.0, log.read_text()
+        listed = netns.exec(["nft", "list", "table", "inet", "conntrack_dns_exporter_notrack"], check=False)
+        assert listed.returncode == 0 and "notrack" in listed.stdout
+        stop(proc)
+        assert proc.returncode == 0
+        gone = netns.exec(["nft", "list", "table", "inet", "conntrack_dns_exporter_notrack"], check=False)
+        assert gone.returncode != 0, "the NOTRACK table outlived the exporter"
+    finally:
+        stop(proc)
+        log.unlink()
+
+
+def test_notrack_without_net_admin_serves_without_the_table(netns: Netns, image_like: Path) -> None:
+    """NET_ADMIN removed by policy and `--web.notrack` as in the DaemonSet: the exporter serves (the rule gauge
+    0) instead of crash-looping, and says why in one line."""
+    proc, log = run_as_nobody(netns, image_like / "venv" / "bin" / "python-p", image_like / "nft",
+                              bounding=NONE, no_new_privs=True, extra=["--web.notrack"])
+    try:
+        samples = parse(scrape(netns, proc))
+        stop(proc)
+        text = log.read_text()
+    finally:
+        stop(proc)
+        log.unlink()
+    assert value(samples, "conntrack_dns_exporter_web_notrack_rule_present") == 0.0
+    assert value(samples, "conntrack_dns_exporter_collector_success", collector="conntrack") == 0.0
+    lines = [ln for ln in text.splitlines() if "--web.notrack" in ln]
+    assert len(lines) == 1 and "bounding set" in lines[0], text
+    assert proc.returncode == 0, text
