@@ -118,7 +118,7 @@ def test_daemonset_security_context() -> None:
     user = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M)
     assert user and spec["securityContext"]["runAsUser"] == int(user.group(1)) != 0
     # no_new_privs: the image's permitted-only file capability still works under it, because the runtime keeps
-    # the added capability in the permitted set (tests/unit/test_deploy_capabilities.py, tests/integration/
+    # the added capability in the permitted set (tests/integration/test_deploy_capabilities.py, tests/integration/
     # test_image.py with runc).
     assert sc["allowPrivilegeEscalation"] is False
 

@@ -1,6 +1,6 @@
 """exporter/core/caps.py reads the calling thread's capability sets as the kernel reports them, and says
 why NET_ADMIN is missing in words a person deploying the DaemonSet can act on. (Raising the capability from
-the image's permitted-only file capability needs another uid and an exec: tests/unit/test_deploy_capabilities.py
+the image's permitted-only file capability needs another uid and an exec: tests/integration/test_deploy_capabilities.py
 and tests/integration/test_image.py run that for real.)"""
 
 from __future__ import annotations
