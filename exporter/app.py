@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.core import logs
+from exporter.core import caps, logs
 from exporter.core.errors import ExporterError
 from exporter.core.feature import AppContext
 from exporter.core.scrape import Collector, ScrapeWrapper, Service
@@ -120,11 +120,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             exempt.install()
         except NotrackError as e:
-            # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
-            # than run without it and be unreachable exactly when the table fills.
-            server.server_close()
-            sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
-            return 2
+            if not caps.net_admin_missing():
+                # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
+                # than run without it and be unreachable exactly when the table fills.
+                server.server_close()
+                sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
+                return 2
+            # No NET_ADMIN at all (e.g. removed by policy): nothing that needs it can work, so serve what can
+            # be served (DNS probes, collector_success 0) instead of crash-looping; the rule gauge says 0.
+            log.warning("%s; serving without it: %s", e, caps.why_missing())
         registry.register(exempt)
         services.append(exempt)
     try:

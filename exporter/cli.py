@@ -12,7 +12,7 @@ import sys
 from typing import Any, NoReturn
 
 from exporter import __version__
-from exporter.core import logs
+from exporter.core import caps, logs
 from exporter.core.flags import add_flag, check_env, duration, int_range, parse_hostport
 from exporter.features import all_features
 
@@ -89,6 +89,7 @@ SUBCOMMANDS = {"record": "exporter.record", "diagnose": "exporter.diagnose.comma
 
 
 def main(argv: list[str] | None = None) -> int:
+    caps.raise_net_admin()  # first, before any thread exists (exporter/core/caps.py)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
