@@ -93,8 +93,17 @@ reads = 0  # times a file was actually read and parsed (tests, debugging)
 
 
 def check(path: str) -> str | None:
-    """At start-up: why `path` can never be a resolv.conf (a FIFO, a device, a directory), else None."""
-    return files.not_regular(path)
+    """At start-up: why `path` cannot be used as resolv.conf (a FIFO, a device, a directory, over
+    MAX_SIZE), else None (a missing file may appear later)."""
+    why = files.not_regular(path)
+    if why is None:
+        try:
+            size = os.stat(path).st_size
+        except (OSError, ValueError):
+            return None
+        if size > MAX_SIZE:
+            why = f"is too large ({size} bytes; at most {MAX_SIZE})"
+    return why
 
 
 def load(path: str) -> ResolvConf:

@@ -113,6 +113,8 @@ FILE_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "web-too-large": (_web(b"#" * (2 * 1024 * 1024)), "too large"),
     "resolvconf-fifo": (_fifo("--probe.resolv-conf"), "is a FIFO"),
     "resolvconf-dev-zero": (lambda d: ["--probe.resolv-conf=/dev/zero", "--collector.dns"], "character device"),
+    "resolvconf-too-large": (lambda d: ((d / "r").write_bytes(b"nameserver 10.0.0.1\n" + b"#" * 300_000),
+                                        ["--probe.resolv-conf=" + str(d / "r"), "--collector.dns"])[1], "too large"),
     "table-non-utf8": (_fixture(TB, b'{"datagrams": ["\xff\xfe"]}'), "not UTF-8"),
     "table-bad-hex": (_fixture(TB, {"datagrams": ["zz"]}), "not hex"),
     "table-base64": (_fixture(TB, {"datagrams": ["AAECAw=="]}), "not hex"),
