@@ -88,6 +88,8 @@ class ProbeResult:
     mismatches: dict[str, int] = field(default_factory=dict)
     partial_lost: str | None = None  # parallel: the qtype lost on the first attempt while the other came back
     sent: int = 0                    # query messages put on the wire (retransmissions and TCP included)
+    lone_sent: int = 0               # UDP transmissions that went out ALONE on their socket (no pair partner
+    lone_lost: int = 0               # in flight: sequential mode, a parallel probe's re-send of a lost half)
 
     @property
     def ok(self) -> bool:
@@ -282,6 +284,12 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
                 answered = [q for q in queries if q.out.first_reply]
                 if len(answered) == 1:
                     result.partial_lost = next(q.qtype for q in queries if not q.out.first_reply)
+            if len(pending) == 1 and not error and (len(queries) == 1 or attempt > 0):
+                # a query with no partner in flight cannot lose the conntrack insert race: its loss rate is
+                # the path's plain loss rate, the reference the race fingerprint compares pairs with
+                result.lone_sent += 1
+                if not pending[0].out.done and not pending[0].via_tcp:
+                    result.lone_lost += 1
             if error:
                 sock.close()
                 sock = None

@@ -77,9 +77,10 @@ class _Conn:
 class DnsServer:
     """`with DnsServer() as s:` serves on `s.host`, `s.port` (UDP and TCP) until the block ends."""
 
-    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.behaviour = behaviour or Behaviour()
         self.host = host
+        self._want_port = port  # 0: any free port; 53 where a resolv.conf must name the server
         self.queries: list[QueryLog] = []
         self._lock = threading.Lock()
         self._seen: dict[tuple[int, str], int] = {}
@@ -100,7 +101,7 @@ class DnsServer:
     def _bind(self) -> tuple[socket.socket, socket.socket]:
         for _ in range(50):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.bind((self.host, 0))
+            udp.bind((self.host, self._want_port))
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
