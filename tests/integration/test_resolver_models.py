@@ -21,7 +21,7 @@ from tests.support.dnsserver import Behaviour
 from tests.support.netns import skip_reason
 from tests.support.wirelab import Capture, WireLab, shape
 
-pytestmark = [pytest.mark.netns]
+pytestmark = [pytest.mark.netns, pytest.mark.slow]  # ~90 s: every variant waits out real timeouts
 
 VARIANTS = {  # resolver model -> (library, resolv.conf options it corresponds to)
     "glibc": ("glibc", ""),

@@ -5,9 +5,10 @@
 
 The client namespace has its own /etc/netns/<ns>/resolv.conf (bind-mounted over /etc/resolv.conf by
 `ip netns exec`, so glibc and musl read it); `loss(pct)` installs the lab's own `loss` nftables rule
-(tests/lab/configs.py) in the client namespace. A raw AF_PACKET socket on the client's veth records
-every DNS packet (both directions, UDP and TCP) with its time, source port, id and query type, so a
-library's lookup and the model's can be told apart by the name they ask.
+(tests/lab/configs.py) in the server namespace (where the queries arrive, so they vanish silently).
+A raw AF_PACKET socket on the client's veth records every DNS packet (both directions, UDP and TCP)
+with its time, source port, id and query type, so a library's lookup and the model's can be told apart
+by the name they ask.
 """
 
 from __future__ import annotations
@@ -175,7 +176,9 @@ class WireLab:
         return self.capture
 
     def loss(self, percent: int) -> None:
-        self.client.exec(["nft", "-f", "-"], input=configs.loss_ruleset(percent))
+        # in the server's namespace: queries vanish on the way, as in the lab (forwarded through the node).
+        # In the client's own output hook a drop would fail the send with EPERM instead.
+        self.server_ns.exec(["nft", "-f", "-"], input=configs.loss_ruleset(percent))
 
     def library(self, lib: str, name: str, timeout: float | None = None) -> clookup.Result | None:
         """One getaddrinfo by the real library; None if it was still waiting after `timeout` seconds."""
