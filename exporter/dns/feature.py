@@ -98,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--probe.name", action="append", type=probe_name, default=[DEFAULT_NAME], metavar="NAME",
              help=f"Name to look up (A and AAAA); repeatable (default {DEFAULT_NAME}).")
     add_flag(g, "--probe.modes", default=("parallel", "tcp"), type=modes, metavar="MODE,...",
-             help="Probe modes: parallel (one UDP socket, like glibc), sequential (single-request-reopen), "
-                  "tcp (use-vc).")
+             help="Per-query probe modes: parallel (A+AAAA on one UDP socket), sequential (a fresh socket "
+                  "per query), tcp (one connection).")
     add_flag(g, "--probe.resolvers", default=DEFAULT_RESOLVERS, type=resolvers, metavar="RESOLVER,...",
              help="Application lookups that wait as these C libraries do (dns_probe_lookups_total): "
                   f"{', '.join(RESOLVERS)}, or none.")

@@ -1,11 +1,14 @@
-"""Synthetic A/AAAA lookups that behave like the resolvers applications actually use.
+"""Synthetic A/AAAA lookups measured per query (the `mode` probes).
 
-Three modes, each the wire behaviour of a glibc/musl configuration:
+Three modes, each a wire shape the resolvers use, instrumented per query (what was lost, retried,
+answered); what an application waits is the resolver models' job (`exporter.dns.models`):
 - `parallel` (glibc and musl default): A and AAAA sent back to back from ONE UDP socket, so both
   packets share a source port and therefore one conntrack entry; replies are matched by id AND question.
   This is what loses a packet in the conntrack insert race behind kube-proxy's DNAT.
-- `sequential` (`options single-request-reopen`): A, then AAAA from a new socket.
-- `tcp` (`options use-vc`, NodeLocal DNSCache's force_tcp): both queries on one TCP connection.
+- `sequential`: A, then AAAA from a new socket (a per-query reference; glibc's single-request-reopen
+  differs: `glibc-single-request-reopen`).
+- `tcp`: both queries on one TCP connection, with a per-attempt timeout (glibc's use-vc has none:
+  `glibc-use-vc`).
 
 Resolver emulation (glibc `res_send.c`, `send_dg`/`send_vc`):
 - A reply is accepted only if it comes from the server's address and port, carries the id of an

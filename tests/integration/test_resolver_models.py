@@ -37,6 +37,8 @@ SCENARIOS: dict[str, tuple[Behaviour, str]] = {
     "aaaa-answer-always-dropped": (Behaviour(only="A"), FAST),
     "both-dropped": (Behaviour(silent=True), FAST),
     "server-7s-late": (Behaviour(delay=7.0), ""),  # glibc/musl defaults: timeout 5, attempts 2
+    "servfail": (Behaviour(rcode=2), FAST),
+    "lame-truncated": (Behaviour(truncate=True), FAST),  # TC, no records, no RA: glibc's lame check first
 }
 TIME_TOLERANCE = 0.35
 HANG = 8.0  # use-vc without an answer: glibc blocks in read() with no timeout

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import random
 import selectors
 import socket
 import struct
@@ -57,6 +58,10 @@ class Behaviour:
     delay: float = 0.0               # seconds before answering
     names: tuple[str, ...] | None = None  # only these names exist (NXDOMAIN for others); None: every name
     tcp_delay: float = 0.0           # seconds before answering over TCP
+    loss: float = 0.0                # ignore each UDP query with this probability (uniform loss)
+    pair_loss: float = 0.0           # ignore a UDP query that came < 5 ms after another from the same port
+                                     # with this probability (the conntrack race: only paired packets lose)
+    seed: int | None = None          # for loss / pair_loss
 
 
 @dataclass
@@ -84,6 +89,8 @@ class DnsServer:
         self.queries: list[QueryLog] = []
         self._lock = threading.Lock()
         self._seen: dict[tuple[int, str], int] = {}
+        self._last_from: dict[tuple[str, int], float] = {}  # client address -> time of its last UDP query
+        self._rng = random.Random(self.behaviour.seed)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._sel = selectors.DefaultSelector()
@@ -227,6 +234,12 @@ class DnsServer:
         if b.silent or (b.only is not None and qtype != b.only):
             return
         if n <= b.ignore_first and (b.ignore_qtype is None or b.ignore_qtype == qtype):
+            return
+        now, before = time.monotonic(), self._last_from.get(src)
+        self._last_from[src] = now
+        if b.loss and self._rng.random() < b.loss:
+            return
+        if b.pair_loss and before is not None and now - before < 0.005 and self._rng.random() < b.pair_loss:
             return
         payloads: list[tuple[bytes, str]] = []  # (wire, from: "server" | "port" | "address")
         answer = self._answer(q, truncate=b.truncate)

@@ -19,7 +19,8 @@ it, not copied. The points that decide how long an application waits:
   where 15 s and 20 s waits come from. The bits stay set in the process's resolver state: a long-lived
   process (`glibc-sticky`) starts every later lookup in single-request(-reopen) mode.
 - A reply counts only if its id and question match a query not answered yet (anything else: keep
-  waiting). SERVFAIL/NOTIMP/REFUSED and a lame empty NOERROR move on (`next_ns`); TC switches to TCP.
+  waiting). SERVFAIL/NOTIMP/REFUSED and a "lame" reply (NOERROR, no records, neither AA nor RA: checked
+  before TC) end the try once both replies are in, without waiting (`next_ns`); TC switches to TCP.
 - `send_vc`: connect, write both queries, read two answers, with no timeout at all (glibc blocks in
   `read`); the model gives up at `vc_limit` (a dropped SYN takes the kernel's ~127 s to fail).
 """
@@ -181,8 +182,13 @@ class _Glibc:
             lame = (rcode == dns.rcode.NOERROR and not msg.answer and not msg.additional
                     and not msg.flags & (dns.flags.AA | dns.flags.RA))
             if rcode in _NEXT_NS_RCODES or lame:
-                if self.got:
-                    return _OK
+                if received:  # the other one is back already: this try is over, no waiting
+                    return _OK if self.got else _FAIL
+                if not second_sent:
+                    # single-request: the second query never went out; glibc 2.36 closes the socket and
+                    # ends the try at once (measured: next try ~0.1 ms later from a new port)
+                    self._close(ns)
+                    return _FAIL
                 received.add(hit.qtype)  # no data from it; wait for the other
                 continue
             if msg.flags & dns.flags.TC:
