@@ -3,7 +3,7 @@
 1. Accuracy: an in-process DNS server delays every answer by exactly 100 ms; the median and p90 error of
    the parallel-mode duration are compared with dnspython's `dns.query.udp` (named reference: one
    query, fresh socket) timed the same way around the call.
-2. Cost: the real exporter probes 10 in-process servers every second (default modes parallel,tcp) for
+2. Cost: the real exporter probes 10 in-process servers every second (defaults: parallel,tcp, glibc,musl) for
    60 s (`BENCH_QUICK=1`: 10 s). CPU share and RSS are compared with the same exporter with
    `--no-collector.dns` (reference).
 3. Resolver models (issue 18): CPU per healthy lookup of each model (`exporter.dns.models`), measured as
@@ -110,16 +110,18 @@ def _conntrack_cost(quick: bool) -> list[str]:
     n = len(servers)
     udp, tcp = rows["udp"], rows["tcp"]
     states = sorted({s for _, s in tcp})
-    expect_udp, expect_tcp = min(seconds, udp_to), min(seconds, tw_to)
+    # per round and target: the parallel mode's socket and one per default resolver model (glibc, musl)
+    sockets = 3
+    expect_udp, expect_tcp = sockets * min(seconds, udp_to), min(seconds, tw_to)
     return [
-        f"conntrack cost: lab node namespace, {n} targets (Service IP + backends), parallel,tcp every 1 s, "
-        f"after {seconds:.0f} s",
-        f"  UDP entries {len(udp)} = {len(udp) / n:.1f} per target (expected ~{expect_udp:.0f}: one per "
+        f"conntrack cost: lab node namespace, {n} targets (Service IP + backends), parallel,tcp + glibc,musl "
+        f"every 1 s, after {seconds:.0f} s",
+        f"  UDP entries {len(udp)} = {len(udp) / n:.1f} per target (expected ~{expect_udp:.0f}: {sockets} per "
         f"round, living {udp_to} s; longest remaining timeout {max((t for t, _ in udp), default=0)} s)",
         f"  TCP entries {len(tcp)} = {len(tcp) / n:.1f} per target in {','.join(states) or '-'} (expected "
         f"~{expect_tcp:.0f}: one per round, living {tw_to} s in TIME_WAIT)",
-        f"  steady state per target: ({udp_to} + {tw_to}) / interval = {(udp_to + tw_to) / 5:.0f} entries at the "
-        f"default 5 s interval, {udp_to + tw_to} at 1 s",
+        f"  steady state per target: ({sockets} x {udp_to} + {tw_to}) / interval = "
+        f"{(sockets * udp_to + tw_to) / 5:.0f} entries at the default 5 s interval, {sockets * udp_to + tw_to} at 1 s",
     ]
 
 
@@ -139,7 +141,7 @@ def _cost(quick: bool) -> list[str]:
             s.close()
     probes = sum(v for (name, _), v in samples.items() if name == "dns_probe_duration_seconds_count")
     lines = [
-        f"cost: {TARGETS} targets x modes parallel,tcp every 1 s for {seconds:.0f} s ({probes:.0f} lookups so far)",
+        f"cost: {TARGETS} targets x modes parallel,tcp + resolvers glibc,musl every 1 s for {seconds:.0f} s ({probes:.0f} lookups so far)",
         f"  CPU {share * 100:.2f}% of one core (reference --no-collector.dns: {ref_share * 100:.2f}%; "
         f"+{(share - ref_share) * 100:.2f} points)",
         f"  RSS {rss:.1f} MiB (reference: {ref_rss:.1f} MiB; ratio {rss / ref_rss:.2f}x)",

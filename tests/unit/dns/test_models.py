@@ -84,3 +84,22 @@ def test_nxdomain_is_a_final_answer_but_no_address() -> None:
         for resolver in ("glibc", "musl"):
             r = lookup(s, resolver)
             assert r.result == "failed" and r.duration < T, (resolver, r)
+
+
+def test_musl_asks_every_nameserver_at_once_and_takes_the_first_answer() -> None:
+    with DnsServer(Behaviour(silent=True)) as dead, DnsServer() as live:
+        servers = [(dead.host, dead.port), (live.host, live.port)]
+        r = asyncio.run(run("musl", servers, "x.example.", OPTS))
+        assert r.result == "ok" and r.duration < T / 2
+        assert {q.qtype for q in dead.logged("udp")} == {"A", "AAAA"}  # the dead one was asked too
+
+
+def test_glibc_turns_to_the_next_nameserver_after_the_first_ones_budget() -> None:
+    opts = ResolverOptions(timeout=0.2, attempts=2)
+    with DnsServer(Behaviour(silent=True)) as dead, DnsServer() as live:
+        servers = [(dead.host, dead.port), (live.host, live.port)]
+        r = asyncio.run(run("glibc", servers, "x.example.", opts))
+        first_live = min(q.at for q in live.logged("udp"))
+        first_dead = min(q.at for q in dead.logged("udp"))
+    assert r.result == "ok" and 0.2 <= r.duration < 0.3
+    assert 0.19 <= first_live - first_dead < 0.25
