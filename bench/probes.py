@@ -3,8 +3,8 @@
 1. Accuracy: an in-process DNS server delays every answer by exactly 100 ms; the median and p90 error of
    the parallel-mode duration are compared with dnspython's `dns.query.udp` (named reference: one
    query, fresh socket) timed the same way around the call.
-2. Cost: the real exporter probes 10 in-process servers every second (defaults: parallel,tcp, glibc,musl) for
-   60 s (`BENCH_QUICK=1`: 10 s). CPU share and RSS are compared with the same exporter with
+2. Cost: the real exporter probes 10 in-process servers every second (defaults: parallel,tcp,
+   glibc,musl) for 60 s (`BENCH_QUICK=1`: 10 s). CPU share and RSS are compared with the same exporter with
    `--no-collector.dns` (reference).
 3. Resolver models (issue 18): CPU per healthy lookup of each model (`exporter.dns.models`), measured as
    the probing thread's CPU time, as a ratio to the `parallel` mode (reference); then the real exporter
