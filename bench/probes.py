@@ -141,7 +141,8 @@ def _cost(quick: bool) -> list[str]:
             s.close()
     probes = sum(v for (name, _), v in samples.items() if name == "dns_probe_duration_seconds_count")
     lines = [
-        f"cost: {TARGETS} targets x modes parallel,tcp + resolvers glibc,musl every 1 s for {seconds:.0f} s ({probes:.0f} lookups so far)",
+        f"cost: {TARGETS} targets x modes parallel,tcp + resolvers glibc,musl every 1 s for {seconds:.0f} s "
+        f"({probes:.0f} lookups so far)",
         f"  CPU {share * 100:.2f}% of one core (reference --no-collector.dns: {ref_share * 100:.2f}%; "
         f"+{(share - ref_share) * 100:.2f} points)",
         f"  RSS {rss:.1f} MiB (reference: {ref_rss:.1f} MiB; ratio {rss / ref_rss:.2f}x)",
