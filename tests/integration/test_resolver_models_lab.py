@@ -63,6 +63,8 @@ def test_table_full_from_pod_and_node_matches_the_libraries(healthy_lab: Lab) ->
               ("node", "glibc"): (0.0, 0.5), ("node", "musl"): (4.8, 5.6)}
     for (where, lib), (lo, hi) in expect.items():
         real, m = out[(where, lib, "library")], out[(where, lib, "model")]
+        print(f"table full, from the {where}: {lib} {real.result} rc={real.rc} after {real.seconds:.4f} s; "
+              f"model {m.result} after {m.duration:.4f} s ({m.error})")
         assert real.result == "failed" and real.rc == -3, (where, lib, real)  # EAI_AGAIN
         assert m.result == "failed", (where, lib, m)
         assert lo <= real.seconds <= hi, (where, lib, real)
