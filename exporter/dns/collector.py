@@ -7,7 +7,9 @@ registry (a Kubernetes rollout replacing endpoints) has no series in the next sc
 
 Emits `dns_probe_duration_seconds`, `dns_probe_requests_total`, `dns_probe_failures_total`,
 `dns_probe_retries_total`, `dns_probe_partial_pairs_total`, `dns_probe_target_info`,
-`dns_probe_nodelocal_present`, `dns_probe_search_queries`, `dns_probe_search_duration_seconds`.
+`dns_probe_nodelocal_present`, `dns_probe_search_queries`, `dns_probe_search_duration_seconds`, and for
+the sampled CoreDNS endpoints only `dns_probe_endpoint_queries_total` (one series per result), plus
+`dns_probe_skipped_total` for rounds a target could not run on time.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class DnsProbeCollector:
             "1 if the configured NodeLocal DNSCache address answers (and is probed), 0 if not.",
             labels=["server"])
 
+        endpoint = CounterMetricFamily(
+            "dns_probe_endpoint_queries",
+            "Probe queries to a sampled DNS endpoint, by result: ok, retried (answered after a retransmission) "
+            "or the failure reason.", labels=[*LABELS, "result"])
+        skipped = CounterMetricFamily(
+            "dns_probe_skipped",
+            "Probe rounds a target could not run on time; reason busy: its previous probe was still running.",
+            labels=[*LABELS, "reason"])
+
         for server, up in sorted(present.items()):
             nodelocal.add_metric([server], 1.0 if up else 0.0)
         for key in sorted(live):
@@ -86,7 +97,11 @@ class DnsProbeCollector:
                 failures.add_metric([server, kind, mode, qt, reason], n)
             for qt, n in sorted(st.partial.items()):
                 partial.add_metric([server, kind, qt], n)
-        yield from (duration, requests, failures, retries, partial, info, nodelocal)
+            for result, n in sorted(st.results.items()):
+                endpoint.add_metric([server, kind, result], n)
+            for reason, n in sorted(st.skipped.items()):
+                skipped.add_metric([server, kind, reason], n)
+        yield from (duration, requests, failures, retries, partial, info, nodelocal, endpoint, skipped)
 
         if search:
             queries = GaugeMetricFamily(

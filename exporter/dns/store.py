@@ -22,6 +22,15 @@ BUCKETS = (0.0005, 0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0
 
 TargetKey = tuple[str, str]  # (server label, kind)
 
+COMPACT_KINDS = ("endpoint",)  # kinds recorded as results only (dns_probe_endpoint_queries_total)
+
+
+def result_of(reason: str | None, attempt: int) -> str:
+    """A query's result for the compact counters: ok, retried (answered after a retransmission) or the reason."""
+    if reason is None:
+        return "retried" if attempt > 0 else "ok"
+    return reason
+
 
 @dataclass
 class Histogram:
@@ -47,6 +56,8 @@ class TargetStats:
     retries: dict[tuple[str, str], int] = field(default_factory=dict)           # (mode, qtype)
     failures: dict[tuple[str, str, str], int] = field(default_factory=dict)     # (mode, qtype, reason)
     partial: dict[str, int] = field(default_factory=dict)                       # lost qtype (parallel only)
+    results: dict[str, int] = field(default_factory=dict)                       # result (compact kinds)
+    skipped: dict[str, int] = field(default_factory=dict)                       # reason
 
 
 @dataclass
@@ -68,6 +79,10 @@ class ProbeStore:
             if key in self._targets:
                 return
             st = TargetStats()
+            self._targets[key] = st
+            if key[1] in COMPACT_KINDS:
+                st.results["ok"] = 0
+                return
             for mode in modes:
                 st.histograms[mode] = Histogram()
                 for qt in QTYPES:
@@ -76,13 +91,17 @@ class ProbeStore:
                 if mode == "parallel":
                     for qt in QTYPES:
                         st.partial[qt] = 0
-            self._targets[key] = st
 
     def record(self, key: TargetKey, result: ProbeResult) -> None:
         mode = result.mode
         with self._lock:
             st = self._targets.get(key)
             if st is None:
+                return
+            if key[1] in COMPACT_KINDS:
+                for out in result.outcomes.values():
+                    r = result_of(out.reason, out.attempt)
+                    st.results[r] = st.results.get(r, 0) + 1
                 return
             st.histograms.setdefault(mode, Histogram()).observe(result.duration)
             for qt, out in result.outcomes.items():
@@ -98,6 +117,13 @@ class ProbeStore:
                 st.failures[k] = st.failures.get(k, 0) + n
             if mode == "parallel" and result.partial_lost is not None:
                 st.partial[result.partial_lost] = st.partial.get(result.partial_lost, 0) + 1
+
+    def skip(self, key: TargetKey, reason: str) -> None:
+        """Count a round in which this target could not be probed (reason `busy`: its last probe still runs)."""
+        with self._lock:
+            st = self._targets.get(key)
+            if st is not None:
+                st.skipped[reason] = st.skipped.get(reason, 0) + 1
 
     def set_present(self, server: str, present: bool) -> bool:
         """Record whether a nodelocal server answers; returns True when that changed."""
@@ -126,6 +152,7 @@ class ProbeStore:
                 k: TargetStats(
                     {m: Histogram(list(h.counts), h.total) for m, h in st.histograms.items()},
                     dict(st.requests), dict(st.retries), dict(st.failures), dict(st.partial),
+                    dict(st.results), dict(st.skipped),
                 )
                 for k, st in self._targets.items()
             }

@@ -26,11 +26,11 @@ EXPORTED = {
     "dns_probe_duration_seconds_bucket", "dns_probe_failures_total", "dns_probe_requests_total",
     "dns_probe_retries_total", "dns_probe_partial_pairs_total", "dns_probe_target_info",
     "conntrack_dns_exporter_collector_success", "conntrack_dns_exporter_kubernetes_up",
-    "conntrack_dns_exporter_collector_duration_seconds",
+    "conntrack_dns_exporter_collector_duration_seconds", "dns_probe_endpoint_queries_total",
 }
 PROMQL_WORDS = {"sum", "by", "min", "max", "count", "topk", "rate", "increase", "histogram_quantile", "or", "and",
                 "on", "le", "node", "kind", "mode", "collector", "protocol", "state", "namespace", "pod",
-                "transport", "job"}
+                "transport", "job", "result"}
 
 
 def dashboard() -> dict[str, Any]:
