@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
 )
 
 from exporter.discovery.targets import TargetRegistry
-from exporter.dns.store import ProbeStore
+from exporter.dns.store import COMPACT_KINDS, ProbeStore
 
 LABELS = ["server", "kind"]
 
@@ -87,6 +87,12 @@ class DnsProbeCollector:
             st = stats.get(key)
             if st is None:
                 continue
+            for reason, n in sorted(st.skipped.items()):
+                skipped.add_metric([server, kind, reason], n)
+            if kind in COMPACT_KINDS:  # sampled CoreDNS endpoints: results only (docs/scale.md)
+                for result, n in sorted(st.results.items()):
+                    endpoint.add_metric([server, kind, result], n)
+                continue
             for mode, h in sorted(st.histograms.items()):
                 duration.add_metric([server, kind, mode], h.cumulative(), h.total)
             for (mode, qt), n in sorted(st.requests.items()):
@@ -97,10 +103,6 @@ class DnsProbeCollector:
                 failures.add_metric([server, kind, mode, qt, reason], n)
             for qt, n in sorted(st.partial.items()):
                 partial.add_metric([server, kind, qt], n)
-            for result, n in sorted(st.results.items()):
-                endpoint.add_metric([server, kind, result], n)
-            for reason, n in sorted(st.skipped.items()):
-                skipped.add_metric([server, kind, reason], n)
         yield from (duration, requests, failures, retries, partial, info, nodelocal, endpoint, skipped)
 
         if search:

@@ -137,6 +137,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         node=node_name(args),
     )
     store = ProbeStore()
+    ctx.shared["dns.store"] = store
     return Built(collectors=[DnsProbeCollector(store, ctx.targets)],
                  services=[ProbeService(config, ctx.discovery, store)])
 

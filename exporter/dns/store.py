@@ -82,7 +82,6 @@ class ProbeStore:
             self._targets[key] = st
             if key[1] in COMPACT_KINDS:
                 st.results["ok"] = 0
-                return
             for mode in modes:
                 st.histograms[mode] = Histogram()
                 for qt in QTYPES:
@@ -102,7 +101,6 @@ class ProbeStore:
                 for out in result.outcomes.values():
                     r = result_of(out.reason, out.attempt)
                     st.results[r] = st.results.get(r, 0) + 1
-                return
             st.histograms.setdefault(mode, Histogram()).observe(result.duration)
             for qt, out in result.outcomes.items():
                 st.requests[(mode, qt)] = st.requests.get((mode, qt), 0) + 1
