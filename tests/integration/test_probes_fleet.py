@@ -106,7 +106,7 @@ def test_thirty_endpoints_bounded_series_and_load_service_ip_every_round(healthy
                              "--probe.timeout=1s")
     try:
         deadline = time.monotonic() + 20
-        while len(endpoint_queries(exp.scrape())) < 30:
+        while total(exp.scrape(), "dns_probe_target_info", kind="endpoint") < 30:
             assert time.monotonic() < deadline, "not all 30 endpoints discovered"
             time.sleep(0.25)
         time.sleep(2.5)  # the first probes of the dead ones are in flight
@@ -129,7 +129,9 @@ def test_thirty_endpoints_bounded_series_and_load_service_ip_every_round(healthy
         for server in q1:
             assert q1[server] - q0.get(server, 0) <= bound, (server, q1[server] - q0.get(server, 0), bound)
         # What really left the node for the 28 dead addresses: at most K probes a round (parallel mode, two
-        # transmissions of both queries); without sampling it was 28 probes a round (14x as many packets).
+        # transmissions of both queries). Without sampling 28 probes a round were due (14x as many packets); the
+        # code before issue 17 sent fewer only because its 8 shared slots starved every target: measured here,
+        # 1,510 series and the Service IP probed once in 30 rounds.
         udp_bound = (rounds + 2) * K * 2 * 2  # +2: probes in flight at either end of the window
         assert 0 < p1 - p0 <= udp_bound, (p1 - p0, udp_bound, rounds)
 
