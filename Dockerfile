@@ -2,8 +2,9 @@
 # conntrack-dns-exporter image. Two stages: `build` turns the source into wheels (the project's and every
 # dependency's); the final stage installs them from that wheelhouse without network access and without any
 # compiler. It runs as a non-root user; CAP_NET_ADMIN (netlink conntrack statistics, the NOTRACK table)
-# reaches that user through file capabilities on the two binaries that need it. docs/deploy.md explains why
-# (a non-root process does not get `capabilities.add` from Kubernetes) and what the DaemonSet must allow.
+# reaches that user through a permitted-only file capability on the interpreter, which the exporter raises to
+# effective at start (exporter/core/caps.py). docs/deploy.md explains why (a non-root process does not get
+# `capabilities.add` from Kubernetes) and why the image also starts without NET_ADMIN.
 
 # The base image, pinned by digest (a tag can be re-pushed, a digest cannot). Change both together; the
 # image's org.opencontainers.image.base.* labels are derived from these two arguments.
@@ -51,18 +52,20 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # --copies: the venv gets its own interpreter file, so the capability is attached to that file only and not
-# to /usr/local/bin/python3.11. Setuid/setgid bits are stripped from the whole image: the container needs
-# allowPrivilegeEscalation (file capabilities do not work under no_new_privs) and must offer no other way up.
+# to /usr/local/bin/python3.11. `+p` (permitted, no effective bit): with the effective bit the kernel refuses
+# the exec when the bounding set lacks NET_ADMIN; without it the exporter starts either way and raises the
+# capability itself, also into its ambient set for the `nft` child (so nft needs no file capability).
+# Setuid/setgid bits are stripped from the whole image: nothing in it offers another way up.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv --copies /opt/venv \
  && /opt/venv/bin/python -m pip install --no-index --find-links=/wheels --require-hashes -r /wheels/requirements.lock \
  && /opt/venv/bin/python -m pip install --no-index --no-deps /wheels/conntrack_dns_exporter-*.whl \
  && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
- && setcap cap_net_admin+ep /opt/venv/bin/python \
- && setcap cap_net_admin+ep /usr/sbin/nft \
+ && setcap cap_net_admin+p /opt/venv/bin/python \
  && apt-get purge -y --auto-remove libcap2-bin \
  && find / -xdev -type f -perm /6000 -exec chmod a-s {} + \
- && useradd --system --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin exporter
+ && groupadd --system --gid 65532 exporter \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin exporter
 
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -1,5 +1,7 @@
 """The process: build the registry from the enabled features, serve HTTP, run background services,
-and shut down cleanly on SIGTERM/SIGINT (within 2 s: DaemonSet rollouts wait for it)."""
+and shut down cleanly on SIGTERM/SIGINT (within 2 s: DaemonSet rollouts wait for it) and on every other
+signal whose default would kill the process (so the NOTRACK table is always removed). SIGHUP reloads
+`--web.config.file` (a broken file keeps the previous one) and logs it."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.core import logs
+from exporter.core import caps, logs
 from exporter.core.errors import ExporterError
 from exporter.core.feature import AppContext
 from exporter.core.scrape import Collector, ScrapeWrapper, Service
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     registry = build_registry(collectors, exporter_metrics=not args.web_disable_exporter_metrics)
     live = _live_diagnosis(args, ctx)
     services.append(live)
+    signals = Signals()
     web_config = None
     if args.web_config_file:
         try:
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                                     idle_timeout=args.web_idle_timeout, read_timeout=args.web_read_timeout,
                                     max_connections=args.web_max_connections, web_config=web_config,
                                     telemetry_path=args.web_telemetry_path,
-                                    landing=lambda: page.render(live, args.kubernetes_node_name, args.web_telemetry_path),
+                                    landing=lambda: page.render(live, args.kubernetes_node_name,
+                                                                args.web_telemetry_path),
                                     landing_public=args.web_status_page_public)
     except OSError as e:
         sys.stderr.write(f"conntrack-dns-exporter: error: cannot listen on {host}:{port}: {e.strerror}\n")
@@ -116,15 +120,19 @@ def run(args: argparse.Namespace) -> int:
         try:
             exempt.install()
         except NotrackError as e:
-            # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
-            # than run without it and be unreachable exactly when the table fills.
-            server.server_close()
-            sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
-            return 2
+            if not caps.net_admin_missing():
+                # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
+                # than run without it and be unreachable exactly when the table fills.
+                server.server_close()
+                sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
+                return 2
+            # No NET_ADMIN at all (e.g. removed by policy): nothing that needs it can work, so serve what can
+            # be served (DNS probes, collector_success 0) instead of crash-looping; the rule gauge says 0.
+            log.warning("%s; serving without it: %s", e, caps.why_missing())
         registry.register(exempt)
         services.append(exempt)
     try:
-        code = _serve(server, services, collectors, host)
+        code = _serve(server, services, collectors, host, signals, args.web_config_file)
     finally:
         if exempt is not None:
             exempt.remove()
@@ -152,16 +160,45 @@ def _exit_if_threads_linger(code: int) -> None:
         os._exit(code)
 
 
-def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list[Collector], host: str) -> int:
-    stop = threading.Event()
+# Signals whose default action ends the process (crash signals aside): each becomes a clean shutdown.
+TERMINATING = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
+               "SIGXCPU", "SIGIO", "SIGPWR", "SIGSTKFLT")
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
+
+class Signals:
+    """Installed before anything needs cleaning up (the NOTRACK table): a signal sets a flag, the main
+    loop acts on it."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        for name in TERMINATING:
+            sig = getattr(signal, name, None)
+            if sig is not None and (sig in (signal.SIGINT, signal.SIGTERM) or signal.getsignal(sig) == signal.SIG_DFL):
+                signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
+        self.stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        self.reload.set()
 
+
+def reload_web_config(server: ExporterHTTPServer, path: str) -> None:
+    """SIGHUP: re-read the web config now (it is also re-read when it changes); a broken file is logged
+    by the web config and the previous one kept."""
+    if not path:
+        log.info("received SIGHUP; no --web.config.file to reload")
+        return
+    log.info("received SIGHUP; reloading the web config", extra={"kv": {"file": path}})
+    server.reload_web_config()
+
+
+def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list[Collector], host: str,
+           signals: Signals, web_config_file: str = "") -> int:
+    stop = signals.stop
     for svc in services:
         svc.start()
     web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="web", daemon=True)
@@ -170,7 +207,9 @@ def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list
     log.info("listening", extra={"kv": {"address": f"{host}:{server.port}", "version": __version__,
                                         "collectors": ",".join(c.name for c in collectors)}})
     while not stop.wait(0.2):
-        pass
+        if signals.reload.is_set():
+            signals.reload.clear()
+            reload_web_config(server, web_config_file)
     # Everything below must finish well within 2 s (DaemonSet rollouts; terminationGracePeriodSeconds).
     server.shutdown()
     server.server_close()

@@ -66,7 +66,7 @@ def check_pod_privileges(objs: tuple[Obj, ...]) -> None:
     assert spec["securityContext"]["runAsUser"] == dockerfile_uid() != 0
     assert sc.get("runAsUser", spec["securityContext"]["runAsUser"]) != 0
     # Privilege escalation only where the image needs it: an effective file capability (`+ep`) is ignored under
-    # no_new_privs (tests/unit/test_deploy_capabilities.py), a permitted-only one (`+p`) is not.
+    # no_new_privs (tests/integration/test_deploy_capabilities.py), a permitted-only one (`+p`) is not.
     assert sc["allowPrivilegeEscalation"] is (image_file_capability() == "ep"), "escalation beyond the image's need"
     # Only an in-memory /tmp is writable; nothing of the node's filesystem is mounted.
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp"}
