@@ -122,7 +122,10 @@ def test_thirty_endpoints_bounded_series_and_load_service_ip_every_round(healthy
         svc_probes = (total(s1, "dns_probe_requests_total", server=service_ip, mode="parallel", qtype="A")
                       - total(s0, "dns_probe_requests_total", server=service_ip, mode="parallel", qtype="A"))
         assert svc_probes >= 0.8 * rounds, (svc_probes, rounds)
-        assert total(s1, "dns_probe_skipped_total", server=service_ip) == 0
+        # Every round either probed it or says why not (a probe retransmitting for 1 s outlasts a 0.5 s round).
+        skipped = (total(s1, "dns_probe_skipped_total", server=service_ip)
+                   - total(s0, "dns_probe_skipped_total", server=service_ip))
+        assert svc_probes + skipped >= 0.9 * rounds, (svc_probes, skipped, rounds)
         # Each endpoint: its sampled share, a probe every 15th round (K=2 of 30), not one every round.
         q0, q1 = endpoint_queries(s0), endpoint_queries(s1)
         bound = QUERIES_PER_PROBE * (math.ceil(rounds * K / 30) + 1)
