@@ -8,8 +8,8 @@ per round, converted to the default 5 s interval.
   every round (endpoints per round = E) with the node-local targets' full series set (the endpoints
   registered as kind `static`, which is how every target was treated then).
 Series are the DNS probe families of one node (Service IP + E endpoints, healthy, no NodeLocal); the whole
-node adds about 100 (conntrack, table, kubernetes, web; `tests/integration/test_probes_fleet.py`
-measures 246 in all with 30 endpoints, 28 dead, and NodeLocal). The fleet figure multiplies the measured
+node adds about 90 (conntrack, table, kubernetes, web; `tests/integration/test_probes_fleet.py`
+measures 303 in all with 30 endpoints, 28 dead, and NodeLocal). The fleet figure multiplies the measured
 per-node qps by 5,000 nodes.
 """
 

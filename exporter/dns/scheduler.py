@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from exporter.core import logs
 from exporter.discovery import SYNC_TIMEOUT, Discovery
 from exporter.discovery.targets import Target
-from exporter.dns import resolvconf
+from exporter.dns import models, resolvconf
 from exporter.dns.resolver import ProbeResult, lookup
 from exporter.dns.sampler import EndpointSampler
-from exporter.dns.store import ProbeStore
+from exporter.dns.store import COMPACT_KINDS, ProbeStore
 
 log = logs.get("probes")
 
@@ -46,6 +46,7 @@ RESOLVCONF = "resolvconf"
 class ProbeConfig:
     names: tuple[str, ...] = ("kubernetes.default.svc.cluster.local.",)
     modes: tuple[str, ...] = ("parallel", "tcp")
+    resolvers: tuple[str, ...] = models.DEFAULT_RESOLVERS  # application lookups (exporter.dns.models)
     timeout: float = 5.0
     attempts: int = 2
     interval: float = 5.0
@@ -79,6 +80,8 @@ class ProbeService:
         self._state: dict[tuple[str, str, str, str], str] = {}  # last failure summary per probe, for logs
         self._sems: dict[object, asyncio.Semaphore] = {}  # per target (or search name): issue 13
         self.sampler = EndpointSampler(config.node, config.endpoints_per_round)
+        self._glibc: dict[tuple[str, str, str], models.GlibcState] = {}  # glibc-sticky: one "process" per probe
+        self._rotate = False  # resolv.conf targets: the file's options rotate
         self.rounds = 0
 
     # Service -------------------------------------------------------------------------------------
@@ -139,6 +142,7 @@ class ProbeService:
         live = {(t.server, t.kind) for t in snapshot}
         self.store.retain(live)
         self._state = {k: v for k, v in self._state.items() if (k[0], k[1]) in live}
+        self._glibc = {k: v for k, v in self._glibc.items() if (k[0], k[1]) in live}
         for key in [k for k, task in running.items() if task.done()]:
             del running[key]
         self._sems = {k: v for k, v in self._sems.items() if k in running or k in snapshot}
@@ -146,13 +150,19 @@ class ProbeService:
         for t in snapshot:
             key = (t.server, t.kind)
             if t.kind != "nodelocal":
-                self.store.ensure(key, self.config.modes)
+                self.store.ensure(key, self.config.modes, self.config.resolvers)
             if t.kind == "endpoint" and t not in chosen:
                 continue
             if t in running:
                 self.store.skip(key, "busy")
-                continue
-            running[t] = asyncio.create_task(self._probe_target(t, self._sem(t)), name=f"probe {t.server}")
+            else:
+                running[t] = asyncio.create_task(self._probe_target(t, self._sem(t)), name=f"probe {t.server}")
+            # own tasks: a glibc lookup may wait 20 s, it must not hold the mode probes back. Not for the sampled
+            # endpoints: what an application waits is a node-local path's question (docs/scale.md).
+            for res in (() if t.kind in COMPACT_KINDS else self.config.resolvers):
+                if (t, res) not in running:
+                    running[(t, res)] = asyncio.create_task(self._probe_resolver(t, res, self._sem(t)),
+                                                            name=f"{res} {t.server}")
         for name in self.config.search_names:
             key = ("search", name)
             if key not in running:
@@ -174,6 +184,7 @@ class ProbeService:
             if error:
                 log.warning("no probe targets: %s", error)
             self._resolv_error = error
+        self._rotate = conf.rotate
         self._resolv_options = (conf.timeout if self.config.resolv_timeout else self.config.timeout,
                                 conf.attempts if self.config.resolv_attempts else self.config.attempts)
         self.targets.set(RESOLVCONF, [Target(ns, 53, RESOLVCONF) for ns in conf.nameservers])
@@ -205,8 +216,27 @@ class ProbeService:
                             extra={"kv": {"server": t.server}})
             if not present:
                 return
-            self.store.ensure(key, self.config.modes)
+            self.store.ensure(key, self.config.modes, self.config.resolvers)
         await asyncio.gather(*(self._probe_mode(t, key, mode, sem) for mode in self.config.modes))
+
+    async def _probe_resolver(self, t: Target, resolver: str, sem: asyncio.Semaphore) -> None:
+        await self._jitter()
+        key = (t.server, t.kind)
+        if t.kind == "nodelocal" and not self.store.is_present(t.server):
+            return
+        timeout, attempts = (self._resolv_options if t.kind == RESOLVCONF
+                             else (self.config.timeout, self.config.attempts))
+        options = models.ResolverOptions(timeout=timeout, attempts=attempts,
+                                         rotate=self._rotate and t.kind == RESOLVCONF)
+        state = None
+        if models.model(resolver).sticky:
+            state = self._glibc.setdefault((t.server, t.kind, resolver), models.GlibcState())
+        for name in self.config.names:
+            async with sem:
+                r = await models.run(resolver, [(t.host, t.port)], name, options, state)
+            log.debug("lookup", extra={"kv": {"server": t.server, "kind": t.kind, "resolver": resolver,
+                                              "name": name, "result": r.result, "seconds": f"{r.duration:.6f}"}})
+            self.store.record_lookup(key, r)
 
     async def _probe_mode(self, t: Target, key: tuple[str, str], mode: str, sem: asyncio.Semaphore) -> None:
         for name in self.config.names:
