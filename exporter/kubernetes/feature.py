@@ -15,7 +15,7 @@ from exporter.core.feature import AppContext, Built, Feature
 from exporter.core.flags import add_flag, parse_duration
 from exporter.kubernetes.client import Timeouts
 from exporter.kubernetes.collector import KubernetesCollector
-from exporter.kubernetes.config import in_cluster_available, load_configuration
+from exporter.kubernetes.config import SA_DIR, in_cluster_available, load_configuration
 from exporter.kubernetes.watcher import KubeWatcher
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   "in a pod (service account) or a kubeconfig is given (--kubernetes.kubeconfig or KUBECONFIG).")
     add_flag(g, "--kubernetes.kubeconfig", default=None, metavar="PATH",
              help="kubeconfig file to use instead of the in-cluster service account (default: KUBECONFIG).")
+    add_flag(g, "--kubernetes.service-account-dir", default=SA_DIR, metavar="DIR",
+             help="Where the in-cluster ServiceAccount's token and ca.crt are (the API server is "
+                  "KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT).")
     add_flag(g, "--kubernetes.dns-service", default=("kube-system", "kube-dns"), type=dns_service,
              metavar="NAMESPACE/NAME", help="The cluster DNS Service whose IP and endpoints are probed.")
     add_flag(g, "--kubernetes.node-name", default=os.environ.get("NODE_NAME", "").strip(), type=node_name,
@@ -68,7 +71,7 @@ def resolve(args: argparse.Namespace) -> tuple[str | None, bool] | None:
         if not os.path.isfile(args.kubernetes_kubeconfig):
             raise ConfigError(f"--kubernetes.kubeconfig: no such file: {args.kubernetes_kubeconfig}")
         return args.kubernetes_kubeconfig, False
-    if in_cluster_available():
+    if in_cluster_available(args.kubernetes_service_account_dir):
         return None, True
     if os.environ.get("KUBECONFIG"):
         return None, False
@@ -87,7 +90,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         return Built()
     kubeconfig, in_cluster = choice
     try:
-        cfg = load_configuration(kubeconfig, in_cluster)
+        cfg = load_configuration(kubeconfig, in_cluster, args.kubernetes_service_account_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     ns, name = args.kubernetes_dns_service

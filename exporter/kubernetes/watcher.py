@@ -42,12 +42,8 @@ class KubeWatcher:
 
     def __init__(self, cfg: Any, namespace: str, service: str, node: str, discovery: Discovery,
                  timeouts: Timeouts | None = None) -> None:
-        from kubernetes import client
-
         self._t = timeouts or Timeouts()
-        self._api = client.ApiClient(cfg)
-        self._core = client.CoreV1Api(self._api)
-        self._disc = client.DiscoveryV1Api(self._api)
+        self._core, self._disc, self.host, self._close = _apis(cfg)
         self.namespace, self.service, self.node = namespace, service, node
         self._stop = threading.Event()
         resources = ("services", "endpointslices", "pods") if node else ("services", "endpointslices")
@@ -117,7 +113,7 @@ class KubeWatcher:
 
     def start(self) -> None:
         log.info("watching the Kubernetes API", extra={"kv": {
-            "host": self._api.configuration.host, "dns_service": f"{self.namespace}/{self.service}",
+            "host": self.host, "dns_service": f"{self.namespace}/{self.service}",
             "node": self.node or "(none: pod map disabled)"}})
         for w in self._watches:
             w.start()
@@ -137,9 +133,22 @@ class KubeWatcher:
         if alive:
             log.debug("watch threads still finishing a request", extra={"kv": {"resources": ",".join(alive)}})
         try:
-            self._api.rest_client.pool_manager.clear()
+            self._close()
         except Exception:
             log.debug("closing the API connection pool failed", exc_info=True)
+
+
+def _apis(cfg: Any) -> tuple[Any, Any, str, Callable[[], None]]:
+    """(core/v1, discovery/v1, host, close): the standard-library client in a pod, else `kubernetes`'s."""
+    from exporter.kubernetes.incluster import CoreV1, DiscoveryV1, InClusterConfig, RestClient
+
+    if isinstance(cfg, InClusterConfig):
+        rest = RestClient(cfg)
+        return CoreV1(rest), DiscoveryV1(rest), cfg.host, lambda: None  # one connection per request
+    from kubernetes import client
+
+    api = client.ApiClient(cfg)
+    return client.CoreV1Api(api), client.DiscoveryV1Api(api), cfg.host, api.rest_client.pool_manager.clear
 
 
 def _bind(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
