@@ -27,6 +27,10 @@ class KubernetesCollector:
     def __init__(self, state: KubeState) -> None:
         self._state = state
 
+    def version(self) -> int:
+        """Changes with every list, event, bookmark or failure: rendered once per change."""
+        return self._state.version
+
     def collect(self) -> Iterator[Metric]:
         snap = self._state.snapshot()
         yield GaugeMetricFamily(f"{PREFIX}_kubernetes_up",

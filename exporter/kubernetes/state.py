@@ -22,9 +22,11 @@ class KubeState:
     def __init__(self, resources: tuple[str, ...]) -> None:
         self._lock = threading.Lock()
         self._res = {r: ResourceState() for r in resources}
+        self.version = 0  # bumped by every change: the collector renders once per change
 
     def ok(self, resource: str, objects: int | None = None) -> None:
         with self._lock:
+            self.version += 1
             st = self._res[resource]
             st.synced, st.error = True, ""
             if objects is not None:  # a list or get answered (a watch merely opening is not an event)
@@ -32,6 +34,7 @@ class KubeState:
 
     def event(self, resource: str, objects: int | None = None) -> None:
         with self._lock:
+            self.version += 1
             st = self._res[resource]
             st.last_event = time.time()
             if objects is not None:
@@ -40,6 +43,7 @@ class KubeState:
     def failed(self, resource: str, error: str) -> bool:
         """Record a failure (and a restart); return True if this is a new error (log it at warn)."""
         with self._lock:
+            self.version += 1
             st = self._res[resource]
             new = st.synced or st.error != error
             st.synced, st.error = False, error
@@ -48,6 +52,7 @@ class KubeState:
 
     def restarted(self, resource: str) -> None:
         with self._lock:
+            self.version += 1
             self._res[resource].restarts += 1
 
     def snapshot(self) -> dict[str, ResourceState]:

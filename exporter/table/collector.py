@@ -41,6 +41,10 @@ class TableCollector:
     def __init__(self, service: TableScanService) -> None:
         self._service = service
 
+    def version(self) -> int:
+        """The scan count: `collect()` only renders the last scan's snapshot (rendered once per scan)."""
+        return self._service.published
+
     def collect(self) -> Iterator[Metric]:
         snap = self._service.latest()
         if snap is None:

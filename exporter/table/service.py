@@ -97,6 +97,7 @@ class TableScanService:
         self._pods = discovery.pods if discovery is not None else None
         self._on_scan = on_scan
         self._latest: TableSnapshot | None = None
+        self.published = 0  # snapshots published so far (bumped after `_latest` is replaced)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = ""
@@ -168,6 +169,7 @@ class TableScanService:
                                  timestamp=time.time(), partial=True, reason="internal",
                                  message=f"table scan failed: {type(e).__name__}: {e}")
         self._latest = snap
+        self.published += 1
         self._report(snap)
         if self._on_scan is not None:
             self._on_scan(snap)
