@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     registry.register(server)
     exempt: Notrack | None = None
     if args.web_notrack:
-        exempt = Notrack(server.port, check_interval=args.web_notrack_check_interval)
+        exempt = Notrack(server.port, check_interval=args.web_notrack_check_interval, flows=ctx.notrack_flows)
         try:
             exempt.install()
         except NotrackError as e:

@@ -18,7 +18,8 @@ def in_cluster_available(sa_dir: str | None = None) -> bool:
                 and os.path.isfile(os.path.join(sa_dir or SA_DIR, "token")))
 
 
-def load_configuration(kubeconfig: str | None, in_cluster: bool, sa_dir: str | None = None) -> Any:
+def load_configuration(kubeconfig: str | None, in_cluster: bool, sa_dir: str | None = None,
+                       address: tuple[str, int] | None = None) -> Any:
     """An `InClusterConfig` (in a pod) or a `kubernetes.client.Configuration` (from a kubeconfig file).
 
     Raises ValueError with one line if the configuration cannot be loaded.
@@ -27,7 +28,7 @@ def load_configuration(kubeconfig: str | None, in_cluster: bool, sa_dir: str | N
         from exporter.kubernetes.incluster import InClusterConfig
 
         try:
-            return InClusterConfig.load(sa_dir or SA_DIR)
+            return InClusterConfig.load(sa_dir or SA_DIR, address)
         except ValueError as e:
             raise ValueError(f"cannot load Kubernetes configuration from the in-cluster service account: {e}") \
                 from None

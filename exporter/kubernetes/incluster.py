@@ -17,6 +17,7 @@ few members (`data`, `read1`, `close`, `shutdown`, `status`); errors carry `stat
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import os
 import socket
@@ -28,6 +29,8 @@ from urllib.parse import quote, urlencode
 
 from exporter import __version__
 
+SERVER_NAME = "kubernetes.default.svc"  # in every API server certificate: the name checked for a given address
+API_SOURCE_PORTS = range(19154, 19170)  # local ports of the API connections when --web.notrack exempts them
 TOKEN_REFRESH = 60.0  # seconds; client-go re-reads the projected token every minute as well
 USER_AGENT = f"conntrack-dns-exporter/{__version__}"
 
@@ -40,11 +43,21 @@ class ApiError(Exception):
         self.status, self.reason, self.body = status, reason, body
 
 
-class InClusterConfig:
-    """Host, CA and (rotating) token of the pod's ServiceAccount. `load` raises ValueError with one line."""
+class ConnectFailed(OSError):
+    """The TCP connection to the API server could not be made (refused, timed out, unreachable)."""
 
-    def __init__(self, host: str, port: int, token_file: str, ca_file: str) -> None:
+
+class InClusterConfig:
+    """Host, CA and (rotating) token of the pod's ServiceAccount. `load` raises ValueError with one line.
+
+    `server_name`: the name the certificate is checked for (the host itself unless an address was given);
+    `source_ports`: local ports to connect from (the flows `--web.notrack` exempts), None: any.
+    """
+
+    def __init__(self, host: str, port: int, token_file: str, ca_file: str, server_name: str | None = None) -> None:
         self.api_host, self.api_port = host, port
+        self.server_name = server_name or host
+        self.source_ports: range | None = None
         self.token_file, self.ca_file = token_file, ca_file
         self._lock = threading.Lock()
         self._token = ""
@@ -59,7 +72,15 @@ class InClusterConfig:
         return f"https://{h}:{self.api_port}"
 
     @classmethod
-    def load(cls, sa_dir: str) -> InClusterConfig:
+    def load(cls, sa_dir: str, address: tuple[str, int] | None = None) -> InClusterConfig:
+        """From KUBERNETES_SERVICE_HOST/PORT, or `address` (the API server's own, instead of its Service
+        IP; the certificate is then checked for `kubernetes.default.svc`)."""
+        if address is not None:
+            cfg = cls(address[0], address[1], os.path.join(sa_dir, "token"), os.path.join(sa_dir, "ca.crt"),
+                      server_name=SERVER_NAME)
+            cfg.token(force=True)
+            cfg.ssl_context()
+            return cfg
         host = os.environ.get("KUBERNETES_SERVICE_HOST", "").strip()
         port_text = os.environ.get("KUBERNETES_SERVICE_PORT", "").strip()
         if not host or not port_text:
@@ -182,8 +203,7 @@ class RestClient:
             query[_QUERY[k]] = ("true" if v else "false") if isinstance(v, bool) else str(v)
         connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
         cfg = self.cfg
-        conn = http.client.HTTPSConnection(cfg.api_host, cfg.api_port, timeout=connect,
-                                           context=cfg.ssl_context())
+        conn = _Connection(cfg, connect)
         try:
             conn.connect()
             assert conn.sock is not None
@@ -202,6 +222,50 @@ class RestClient:
             conn.close()
             raise
         return Response(conn, resp)
+
+
+class _Connection(http.client.HTTPSConnection):
+    """HTTPS to the API server: the certificate checked for `server_name`, from `source_ports` if set."""
+
+    def __init__(self, cfg: InClusterConfig, timeout: float | None) -> None:
+        super().__init__(cfg.api_host, cfg.api_port, timeout=timeout, context=cfg.ssl_context())
+        self._cfg = cfg
+        self._ctx = cfg.ssl_context()
+
+    def connect(self) -> None:
+        cfg = self._cfg
+        try:
+            sock = _open(cfg.api_host, cfg.api_port, self.timeout, cfg.source_ports)
+        except OSError as e:
+            raise ConnectFailed(e.errno or 0, f"connect to {cfg.api_host}:{cfg.api_port}: {e.strerror or e}") \
+                from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock = self._ctx.wrap_socket(sock, server_hostname=cfg.server_name)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _open(host: str, port: int, timeout: float | None, source_ports: range | None) -> socket.socket:
+    if source_ports is None:
+        return socket.create_connection((host, port), timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    last: OSError = OSError(errno.EADDRINUSE, "every exempt local port is busy")
+    for local in source_ports:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("", local))
+            sock.connect((host, port))
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                raise
+            last = e
+    raise last
 
 
 def _keepalive(sock: socket.socket) -> None:

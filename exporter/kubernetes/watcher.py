@@ -25,6 +25,7 @@ from exporter.kubernetes.client import (
     SERVICE_NAME_LABEL,
     ListWatch,
     Timeouts,
+    blocked_by_conntrack,
     describe_error,
     forbidden_message,
 )
@@ -103,7 +104,10 @@ class KubeWatcher:
                         log.error("%s", forbidden_message("services", "get", self.namespace))
                     return
                 desc = describe_error(e)
-                if self.state.failed("services", desc):
+                blocked = blocked_by_conntrack(e)
+                if blocked:
+                    desc = "conntrack table full"
+                if self.state.failed("services", desc, blocked):
                     log.warning("cannot get the DNS Service; keeping the last known one",
                                 extra={"kv": {"service": f"{self.namespace}/{self.service}", "error": desc}})
                 return

@@ -144,3 +144,25 @@ def test_rotated_token_is_read_again(no_cluster: Path, monkeypatch: pytest.Monke
     os.utime(no_cluster / "token", ns=(st.st_atime_ns, st.st_mtime_ns))
     cfg.token_rejected()
     assert cfg.token() == "forth"
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1", "api.example.com:6443", "10.0.0.1:0", "10.0.0.1:70000", "[::1]"])
+def test_bad_api_server_addresses(text: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args([f"--kubernetes.api-server-address={text}"])
+    assert e.value.code == 2
+
+
+def test_api_server_address_is_exempted_with_web_notrack(no_cluster: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a pod with --web.notrack, the API server's own address becomes a flow the NOTRACK table exempts,
+    the client connects from the exempt ports and checks the certificate for kubernetes.default.svc."""
+    fake_pod(monkeypatch, no_cluster)
+    ctx = AppContext()
+    built = feature.FEATURE.build(parse_args(["--web.notrack", "--kubernetes.api-server-address=[fd00::1]:6443"]),
+                                  ctx)
+    assert [(f.address, f.port, f.local_ports) for f in ctx.notrack_flows] == [("fd00::1", 6443, range(19154, 19170))]
+    watcher = built.services[0]
+    assert watcher.host == "https://[fd00::1]:6443"  # type: ignore[attr-defined]
+    ctx = AppContext()
+    feature.FEATURE.build(parse_args(["--web.notrack"]), ctx)  # the Service IP: DNAT needs conntrack
+    assert ctx.notrack_flows == []
