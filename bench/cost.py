@@ -12,8 +12,9 @@ client, a kubeconfig).
 2. `/metrics` at defaults vs Debian's node_exporter with only its conntrack collector (named reference),
    300 scrapes each, over one keep-alive connection and with a fresh connection per scrape: medians,
    ratios [goal <= 1.5x];
-3. CPU share at defaults: from the end of one table scan to the end of the next (one interval, one
-   scan), with a scrape every 15 s as Prometheus does [goal <= 0.5% of one core, stretch 0.25%];
+3. CPU share at defaults over 120 s from the end of a scan, a scrape every 15 s as Prometheus does; with
+   the adaptive table interval (longer than the window on a full table) the scans are amortised from
+   the exporter's own scan CPU and interval metrics [goal <= 0.5% of one core, stretch 0.25%];
 4. table scan CPU per entry on the full table, in-process, median of 3 [goal <= 1.2 µs];
 5. probe timing error vs dnspython's single query (named reference), server delays 100 ms
    [goal: within 0.5 ms of the reference].
@@ -213,8 +214,14 @@ def run(argv: list[str]) -> list[str]:
                          f"ratio {m / r:.2f}x  [goal <= 1.5x] {'OK' if m <= 1.5 * r else 'MISSED'}")
             out.append(line)
 
-        # CPU over a fixed window of two default table intervals, starting right after a scan ended
-        ts: float | None = _until_scan(exp, first, 90)
+        # CPU over a fixed window of 120 s starting right after a scan ended. With a fixed 60 s interval
+        # the window holds two scans at their real rate; with the adaptive interval (minutes on a full
+        # table) it may hold none, so the scans are amortised: the exporter's own figures (last scan's
+        # CPU / (interval + duration)) replace the scans the window happened to hold.
+        now = parse(exp.get("/metrics")[2].decode())
+        adaptive = value(now, "conntrack_table_scan_interval_seconds")
+        # (the adaptive window starts after the last scan so far, e.g. the rescan discovery's targets caused)
+        ts = value(now, "conntrack_table_last_scan_timestamp_seconds") if adaptive else _until_scan(exp, first, 90)
         c0, t0 = _cpu(exp.proc.pid), time.monotonic()
         window = 30.0 if quick else 120.0
         scans = 0
@@ -224,11 +231,20 @@ def run(argv: list[str]) -> list[str]:
             now_ts = value(s, "conntrack_table_last_scan_timestamp_seconds")
             if now_ts != ts:
                 scans, ts = scans + 1, now_ts
-        share = (_cpu(exp.proc.pid) - c0) / (time.monotonic() - t0)
+        elapsed = time.monotonic() - t0
+        measured = (_cpu(exp.proc.pid) - c0) / elapsed
         interval = value(s, "conntrack_table_scan_interval_seconds")
-        out.append(f"CPU at defaults over {time.monotonic() - t0:.0f} s ({scans} table scans, a scrape every 15 s): "
-                   f"{share * 100:.2f}% of one core  [goal <= 0.5%] {'OK' if share <= 0.005 else 'MISSED'}"
-                   + (f"; adaptive scan interval now {interval:.0f} s" if interval else ""))
+        scan_cpu = value(s, "conntrack_table_scan_cpu_seconds")
+        if interval and scan_cpu is not None:
+            duration = value(s, "conntrack_table_scan_duration_seconds") or 0.0
+            share = (measured * elapsed - scans * scan_cpu) / elapsed + scan_cpu / (interval + duration)
+            how = (f"measured {measured * 100:.2f}% over {elapsed:.0f} s with {scans} scans, scans amortised: "
+                   f"{scan_cpu:.2f} s CPU every {interval + duration:.0f} s (adaptive interval)")
+        else:
+            share = measured
+            how = f"over {elapsed:.0f} s, {scans} table scans at the fixed interval"
+        out.append(f"CPU at defaults (a scrape every 15 s): {share * 100:.2f}% of one core ({how})  "
+                   f"[goal <= 0.5%] {'OK' if share <= 0.005 else 'MISSED'}")
         st = _status(exp.proc.pid)
         out.append(f"RSS after the CPU window {st['VmRSS'] / 1024:.1f} MB (peak {st['VmHWM'] / 1024:.1f} MB)")
         exp.stop()
