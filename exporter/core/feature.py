@@ -31,6 +31,9 @@ class ExemptFlow:
 class AppContext:
     discovery: Discovery = field(default_factory=Discovery)
     notrack_flows: list[ExemptFlow] = field(default_factory=list)
+    # what a data path offers to the process-level consumers (the status page's live diagnosis), by name:
+    # "conntrack.sample" (a callable returning the current ConntrackStats), "dns.store", "table.service"
+    shared: dict[str, object] = field(default_factory=dict)
 
     @property
     def targets(self) -> TargetRegistry:

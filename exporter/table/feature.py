@@ -62,6 +62,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
     service = TableScanService(scanner, interval=args.collector_table_interval,
                                top_n=args.collector_table_top_sources, discovery=ctx.discovery,
                                cpu_budget=args.collector_table_cpu_budget)
+    ctx.shared["table.service"] = service
     return Built(collectors=[TableCollector(service)], services=[service])
 
 
