@@ -132,6 +132,8 @@ class TableScanService:
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
+        if self._targets is not None:
+            self._targets.wake()
         self.scanner.abort()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -159,7 +161,7 @@ class TableScanService:
             left = until - time.monotonic()
             if left <= 0:
                 return False
-            if self._targets.wait_for_change(version, min(left, 0.25)) != version:
+            if self._targets.wait_for_change(version, left, self._stop) != version:
                 return True
         return False
 
