@@ -11,7 +11,9 @@ Rendering once per change (issue 16): a collector whose output only background w
 table scans, Kubernetes watches) has a `version()` that changes whenever its `collect()` would yield
 something else. `render_parts` then formats its families once per version and format and serves the
 bytes; the others (the conntrack statistics, sampled per scrape) are collected and formatted every
-time. The bytes are exactly what formatting the same families would give (`tests/unit/core`).
+time. The bytes are exactly what formatting the same families would give (`tests/unit/web`). A part is
+also re-rendered once it is RENDER_MAX_AGE old: a dependency a future change forgets to put into a
+`version()` then shows seconds late, never forever.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from exporter.core import logs
 from exporter.core.errors import ExporterError
 
 PREFIX = "conntrack_dns_exporter"
+RENDER_MAX_AGE = 10.0  # seconds
 
 
 class Collector(Protocol):
@@ -67,8 +70,8 @@ class ScrapeWrapper(_PromCollector):
         self._failing: dict[str, str] = {}
         self._lock = threading.Lock()
         self._log = logs.get("scrape")
-        # (collector name, format) -> (version, rendered bytes, exception its collect() raised)
-        self._rendered: dict[tuple[str, str], tuple[Any, bytes, BaseException | None]] = {}
+        # (collector name, format) -> (version, rendered bytes, exception its collect() raised, when)
+        self._rendered: dict[tuple[str, str], tuple[Any, bytes, BaseException | None, float]] = {}
 
     def describe(self) -> Iterable[Metric]:
         # Registration must never touch the kernel: describe nothing, so the registry does not call
@@ -132,8 +135,8 @@ class ScrapeWrapper(_PromCollector):
             version_of = getattr(c, "version", None)
             version = version_of() if version_of is not None else None
             cached = self._rendered.get((c.name, fmt)) if version_of is not None else None
-            if cached is not None and cached[0] == version:
-                _, part, exc = cached
+            if cached is not None and cached[0] == version and start - cached[3] < RENDER_MAX_AGE:
+                _, part, exc, _ = cached
             else:
                 families: list[Metric] = []
                 exc = None
@@ -144,7 +147,7 @@ class ScrapeWrapper(_PromCollector):
                     exc = e
                 part = encode(families)
                 if version_of is not None:
-                    self._rendered[(c.name, fmt)] = (version, part, exc)
+                    self._rendered[(c.name, fmt)] = (version, part, exc, start)
             if exc is not None:
                 self._record_failure(c.name, exc)
             else:

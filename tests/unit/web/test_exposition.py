@@ -112,3 +112,16 @@ def test_golden_conntrack_exposition_is_byte_identical() -> None:
     reg.register(ConntrackCollector(src, StaticSysctlSource(src.sysctl)))  # type: ignore[arg-type]
     encoder, content_type = choose_encoder("")
     assert Exposition(reg).render(content_type, encoder) == (GOLDEN / "conntrack-incident.prom").read_bytes()
+
+
+def test_a_part_is_rendered_again_when_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dependency missing from version() would show late, not never: parts expire after RENDER_MAX_AGE."""
+    import exporter.core.scrape as scrape
+
+    reg, _, _, _, counting = setup()
+    expo = Exposition(reg)
+    encoder, content_type = choose_encoder("")
+    expo.render(content_type, encoder)
+    monkeypatch.setattr(scrape, "RENDER_MAX_AGE", 0.0)
+    expo.render(content_type, encoder)
+    assert counting.calls == 2
