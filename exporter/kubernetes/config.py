@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from exporter.core import files
+
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
@@ -35,6 +37,11 @@ def load_configuration(kubeconfig: str | None, in_cluster: bool, sa_dir: str | N
     from kubernetes import client, config
 
     cfg = client.Configuration()
+    if not in_cluster:  # a FIFO in KUBECONFIG would block the start with no output
+        for path in filter(None, (kubeconfig or os.environ.get("KUBECONFIG") or "").split(os.pathsep)):
+            why = files.not_regular(path)
+            if why:
+                raise ValueError(f"cannot load Kubernetes configuration from kubeconfig {path}: {why}")
     try:
         # KUBECONFIG may list several files (path-separated): the loader merges them.
         config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"),

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
 EOF = b"# EOF\n"
+OPENMETRICS = "application/openmetrics-text"
 MAX_TEMPLATES = 4096  # shapes kept; label churn (rollouts) beyond this starts over
 
 Template = tuple[tuple[tuple[str, int], ...], str]  # ((text before value, sample index), ...), tail
@@ -104,3 +105,24 @@ class FamilyTemplates:
         real = self.plain([fam])
         filled = "".join(t + floatToGoString(fam.samples[i].value) for t, i in template[0]) + template[1]
         return template if filled.encode() == real else None
+
+
+def render_registry(registry: Any, key: str, templates: FamilyTemplates) -> bytes:
+    """The whole exposition of `registry` in format `key`: its collectors in registration order, as
+    `registry.collect()` walks them; a collector with `render_parts` (the scrape wrapper) returns ready
+    bytes, reusing what did not change. Byte for byte what the encoder gives for the whole registry."""
+    lock = getattr(registry, "_lock", None)
+    if lock is None or not hasattr(registry, "_collector_to_names") or registry._target_info:
+        return templates.encoder(registry)
+    with lock:
+        collectors = list(registry._collector_to_names)
+    parts: list[bytes] = []
+    for c in collectors:
+        render_parts = getattr(c, "render_parts", None)
+        if render_parts is not None:
+            parts += render_parts(templates.encode, key)
+        else:
+            parts.append(templates.encode(c.collect()))
+    if key.startswith(OPENMETRICS):
+        parts.append(EOF)
+    return b"".join(parts)
