@@ -266,6 +266,22 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
              target("B", f"sum by (node, kind) (rate(dns_probe_partial_pairs_total{sel()}[{RATE}])) or sum by "
                          f"(node, kind) (rate(dns_probe_requests_total{sel(PARALLEL)}[{RATE}])) * 0",
                     "{{node}} {{kind}} partial pairs")], min=0), 12, 8),
+        (timeseries("Application lookups by C library and result", (
+            "Per C library (resolver model: glibc, musl, ...): lookups that got every address family (ok), one "
+            "family only (partial: glibc after a lost half) or nothing (failed: EAI_AGAIN). docs/resolvers.md."),
+            "reqps", "DNSProbeFailures",
+            [target("A", f"sum by (node, resolver, result) (rate(dns_probe_lookups_total{sel()}[{RATE}]))",
+                    "{{node}} {{resolver}} {{result}}")], min=0), 12, 8),
+        (timeseries("What applications waited, p50 / p99 by C library", (
+            "Per C library: the wait of an application lookup. glibc's classes are 5, 10, 15 and 20 s after "
+            "losses, musl's 2.5 and 5 s; the buckets separate them."), "s", "DNSProbeSlow",
+            [target("A", f"histogram_quantile(0.5, sum by (node, resolver, le) "
+                         f"(rate(dns_probe_lookup_duration_seconds_bucket{sel()}[{RATE}])))",
+                    "{{node}} {{resolver}} p50"),
+             target("B", f"histogram_quantile(0.99, sum by (node, resolver, le) "
+                         f"(rate(dns_probe_lookup_duration_seconds_bucket{sel()}[{RATE}])))",
+                    "{{node}} {{resolver}} p99")],
+            min=0), 12, 8),
     ]
     exporter = [
         (timeseries("Probe targets", "Per node, the DNS servers probed, by kind (dns_probe_target_info).", "short",

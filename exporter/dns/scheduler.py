@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from exporter.core import logs
 from exporter.discovery import SYNC_TIMEOUT, Discovery
 from exporter.discovery.targets import Target
-from exporter.dns import resolvconf
+from exporter.dns import models, resolvconf
 from exporter.dns.resolver import ProbeResult, lookup
 from exporter.dns.store import ProbeStore
 
@@ -41,6 +41,7 @@ RESOLVCONF = "resolvconf"
 class ProbeConfig:
     names: tuple[str, ...] = ("kubernetes.default.svc.cluster.local.",)
     modes: tuple[str, ...] = ("parallel", "tcp")
+    resolvers: tuple[str, ...] = models.DEFAULT_RESOLVERS  # application lookups (exporter.dns.models)
     timeout: float = 5.0
     attempts: int = 2
     interval: float = 5.0
@@ -70,6 +71,8 @@ class ProbeService:
         self._resolv_error: str | None = None
         self._resolv_options: tuple[float, int] = (config.timeout, config.attempts)
         self._state: dict[tuple[str, str, str, str], str] = {}  # last failure summary per probe, for logs
+        self._glibc: dict[tuple[str, str, str], models.GlibcState] = {}  # glibc-sticky: one "process" per probe
+        self._rotate = False  # resolv.conf targets: the file's options rotate
         self.rounds = 0
 
     # Service -------------------------------------------------------------------------------------
@@ -118,14 +121,20 @@ class ProbeService:
         live = {(t.server, t.kind) for t in snapshot}
         self.store.retain(live)
         self._state = {k: v for k, v in self._state.items() if (k[0], k[1]) in live}
+        self._glibc = {k: v for k, v in self._glibc.items() if (k[0], k[1]) in live}
         for key in [k for k, task in running.items() if task.done()]:
             del running[key]
         for t in snapshot:
             if t in running:
                 continue
             if t.kind != "nodelocal":
-                self.store.ensure((t.server, t.kind), self.config.modes)
+                self.store.ensure((t.server, t.kind), self.config.modes, self.config.resolvers)
             running[t] = asyncio.create_task(self._probe_target(t, sem), name=f"probe {t.server}")
+        for t in snapshot:  # own tasks: a glibc lookup may wait 20 s, it must not hold the mode probes back
+            for res in self.config.resolvers:
+                if (t, res) not in running:
+                    running[(t, res)] = asyncio.create_task(self._probe_resolver(t, res, sem),
+                                                            name=f"{res} {t.server}")
         for name in self.config.search_names:
             key = ("search", name)
             if key not in running:
@@ -147,6 +156,7 @@ class ProbeService:
             if error:
                 log.warning("no probe targets: %s", error)
             self._resolv_error = error
+        self._rotate = conf.rotate
         self._resolv_options = (conf.timeout if self.config.resolv_timeout else self.config.timeout,
                                 conf.attempts if self.config.resolv_attempts else self.config.attempts)
         self.targets.set(RESOLVCONF, [Target(ns, 53, RESOLVCONF) for ns in conf.nameservers])
@@ -178,8 +188,27 @@ class ProbeService:
                             extra={"kv": {"server": t.server}})
             if not present:
                 return
-            self.store.ensure(key, self.config.modes)
+            self.store.ensure(key, self.config.modes, self.config.resolvers)
         await asyncio.gather(*(self._probe_mode(t, key, mode, sem) for mode in self.config.modes))
+
+    async def _probe_resolver(self, t: Target, resolver: str, sem: asyncio.Semaphore) -> None:
+        await self._jitter()
+        key = (t.server, t.kind)
+        if t.kind == "nodelocal" and not self.store.is_present(t.server):
+            return
+        timeout, attempts = (self._resolv_options if t.kind == RESOLVCONF
+                             else (self.config.timeout, self.config.attempts))
+        options = models.ResolverOptions(timeout=timeout, attempts=attempts,
+                                         rotate=self._rotate and t.kind == RESOLVCONF)
+        state = None
+        if models.model(resolver).sticky:
+            state = self._glibc.setdefault((t.server, t.kind, resolver), models.GlibcState())
+        for name in self.config.names:
+            async with sem:
+                r = await models.run(resolver, [(t.host, t.port)], name, options, state)
+            log.debug("lookup", extra={"kv": {"server": t.server, "kind": t.kind, "resolver": resolver,
+                                              "name": name, "result": r.result, "seconds": f"{r.duration:.6f}"}})
+            self.store.record_lookup(key, r)
 
     async def _probe_mode(self, t: Target, key: tuple[str, str], mode: str, sem: asyncio.Semaphore) -> None:
         for name in self.config.names:

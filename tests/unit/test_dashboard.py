@@ -36,11 +36,13 @@ EXPORTED = {
     "conntrack_table_top_sources", "conntrack_table_dns_entries", "conntrack_table_stale_dns_entries",
     "dns_probe_duration_seconds_bucket", "dns_probe_failures_total", "dns_probe_requests_total",
     "dns_probe_retries_total", "dns_probe_partial_pairs_total", "dns_probe_target_info", "dns_probe_nodelocal_present",
+    "dns_probe_lookups_total", "dns_probe_lookup_duration_seconds_bucket",
     "conntrack_dns_exporter_collector_success", "conntrack_dns_exporter_kubernetes_up",
     "conntrack_dns_exporter_collector_duration_seconds", "conntrack_dns_exporter_build_info",
     "ALERTS",  # Prometheus's own series of the shipped rules' alerts
 }
-PROMQL_WORDS = {"sum", "by", "min", "max", "count", "topk", "rate", "increase", "histogram_quantile", "or", "and",
+PROMQL_WORDS = {"resolver", "result",
+                "sum", "by", "min", "max", "count", "topk", "rate", "increase", "histogram_quantile", "or", "and",
                 "on", "le", "node", "kind", "mode", "collector", "protocol", "state", "namespace", "pod",
                 "transport", "job", "instance", "version", "python_version", "alertname", "alertstate",
                 "severity"}

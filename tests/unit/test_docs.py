@@ -52,7 +52,7 @@ def _families() -> list[Metric]:
     table.scan_once()
     store = ProbeStore()
     for t in discovery.targets.snapshot():
-        store.ensure((t.server, t.kind), ("parallel",))
+        store.ensure((t.server, t.kind), ("parallel",), ("glibc",))
         outcomes = {"A": QueryOutcome("A", True, None, 1, 1), "AAAA": QueryOutcome("AAAA", True, "timeout")}
         r = ProbeResult("parallel", 0.01, outcomes, {"A": 1}, "AAAA", 3)
         store.record((t.server, t.kind), r)
