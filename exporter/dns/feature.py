@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import socket
 
 import dns.exception
 import dns.name
@@ -113,10 +115,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help=f"Transmissions per query, as resolv.conf's options attempts (default {DEFAULT_ATTEMPTS}; "
                   "resolv.conf targets: that file's options attempts).")
     add_flag(g, "--probe.interval", default=5.0, type=duration(0.1, 86400), help="Time between probe rounds.")
-    add_flag(g, "--probe.concurrency", default=8, type=int_range(1, 1024), help="Lookups in flight at most.")
+    add_flag(g, "--probe.concurrency", default=8, type=int_range(1, 1024),
+             help="Lookups in flight at most, per target (a slow target only delays itself).")
+    add_flag(g, "--probe.endpoints-per-round", default=2, type=int_range(1, 1000), metavar="K",
+             help="CoreDNS endpoints (kind endpoint) probed per round, chosen by a hash of the node name, so "
+                  "that each node covers all within ceil(endpoints/K) rounds and the fleet spreads its load "
+                  "(docs/scale.md); the Service IP and NodeLocal are probed every round.")
     add_flag(g, "--probe.search-name", action="append", type=search_name, metavar="NAME",
              help="Walk resolv.conf's search list for this name as glibc does and record queries and time; "
                   "repeatable.")
+
+
+def node_name(args: argparse.Namespace) -> str:
+    """The name seeding the endpoint sampler: --kubernetes.node-name (the Kubernetes feature's flag, env
+    NODE_NAME), else NODE_NAME, else the host name (hostNetwork: the node's)."""
+    return (getattr(args, "kubernetes_node_name", "") or os.environ.get("NODE_NAME", "").strip()
+            or socket.gethostname())
 
 
 def build(args: argparse.Namespace, ctx: AppContext) -> Built:
@@ -142,6 +156,8 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         concurrency=args.probe_concurrency,
         resolv_conf=args.probe_resolv_conf,
         search_names=tuple(dict.fromkeys(args.probe_search_name)),
+        endpoints_per_round=args.probe_endpoints_per_round,
+        node=node_name(args),
     )
     store = ProbeStore()
     ctx.shared["dns.store"] = store

@@ -147,9 +147,11 @@ def _same_host(a: str, b: str) -> bool:
     return x == y
 
 
-def _parse(data: bytes) -> dns.message.Message | None:
+def parse_reply(data: bytes, require_qr: bool = False) -> dns.message.Message | None:
+    """A DNS message from the wire, or None if it is garbage (or, with `require_qr`, not a response)."""
     try:
-        return dns.message.from_wire(data)
+        msg = dns.message.from_wire(data)
+        return msg if not require_qr or msg.flags & dns.flags.QR else None
     except Exception:
         pass
     # A truncated reply may be cut mid-record; its header and question are still usable.
@@ -177,7 +179,7 @@ class _Exchange:
 
     def match(self, data: bytes) -> tuple[_Query, dns.message.Message] | None:
         """The query this reply answers, or None (counted as a mismatch unless a duplicate)."""
-        msg = _parse(data)
+        msg = parse_reply(data)
         if msg is None or not msg.flags & dns.flags.QR:
             self.mismatch()
             return None

@@ -29,6 +29,15 @@ LOOKUP_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1.0, 3.75, 7.5, 12.5, 17.5, 25.0, 140.
 
 TargetKey = tuple[str, str]  # (server label, kind)
 
+COMPACT_KINDS = ("endpoint",)  # kinds recorded as results only (dns_probe_endpoint_queries_total)
+
+
+def result_of(reason: str | None, attempt: int) -> str:
+    """A query's result for the compact counters: ok, retried (answered after a retransmission) or the reason."""
+    if reason is None:
+        return "retried" if attempt > 0 else "ok"
+    return reason
+
 
 @dataclass
 class Histogram:
@@ -59,6 +68,8 @@ class TargetStats:
     retries: dict[tuple[str, str], int] = field(default_factory=dict)           # (mode, qtype)
     failures: dict[tuple[str, str, str], int] = field(default_factory=dict)     # (mode, qtype, reason)
     partial: dict[str, int] = field(default_factory=dict)                       # lost qtype (parallel only)
+    results: dict[str, int] = field(default_factory=dict)                       # result (compact kinds)
+    skipped: dict[str, int] = field(default_factory=dict)                       # reason
     lone: dict[str, int] = field(default_factory=lambda: {"answered": 0, "lost": 0})  # lone UDP sends
     lookups: dict[tuple[str, str], int] = field(default_factory=dict)           # (resolver, result)
     waits: dict[str, Histogram] = field(default_factory=dict)                   # resolver
@@ -101,6 +112,7 @@ class ProbeStore:
             if key in self._targets:
                 return
             st = TargetStats()
+            self._targets[key] = st
             for res in resolvers:
                 st.waits[res] = Histogram.with_bounds(LOOKUP_BUCKETS)
                 for outcome in RESULTS:
@@ -113,7 +125,6 @@ class ProbeStore:
                 if mode == "parallel":
                     for qt in QTYPES:
                         st.partial[qt] = 0
-            self._targets[key] = st
 
     def record(self, key: TargetKey, result: ProbeResult) -> None:
         mode = result.mode
@@ -121,6 +132,10 @@ class ProbeStore:
             st = self._targets.get(key)
             if st is None:
                 return
+            if key[1] in COMPACT_KINDS:
+                for out in result.outcomes.values():
+                    r = result_of(out.reason, out.attempt)
+                    st.results[r] = st.results.get(r, 0) + 1
             st.histograms.setdefault(mode, Histogram()).observe(result.duration)
             for qt, out in result.outcomes.items():
                 st.requests[(mode, qt)] = st.requests.get((mode, qt), 0) + 1
@@ -147,6 +162,13 @@ class ProbeStore:
             k = (lookup.resolver, lookup.result)
             st.lookups[k] = st.lookups.get(k, 0) + 1
             st.waits.setdefault(lookup.resolver, Histogram.with_bounds(LOOKUP_BUCKETS)).observe(lookup.duration)
+
+    def skip(self, key: TargetKey, reason: str) -> None:
+        """Count a round in which this target could not be probed (reason `busy`: its last probe still runs)."""
+        with self._lock:
+            st = self._targets.get(key)
+            if st is not None:
+                st.skipped[reason] = st.skipped.get(reason, 0) + 1
 
     def set_present(self, server: str, present: bool) -> bool:
         """Record whether a nodelocal server answers; returns True when that changed."""
@@ -182,8 +204,8 @@ class ProbeStore:
             targets = {
                 k: TargetStats(
                     {m: Histogram(list(h.counts), h.total, h.bounds) for m, h in st.histograms.items()},
-                    dict(st.requests), dict(st.retries), dict(st.failures), dict(st.partial), dict(st.lone),
-                    dict(st.lookups),
+                    dict(st.requests), dict(st.retries), dict(st.failures), dict(st.partial),
+                    dict(st.results), dict(st.skipped), dict(st.lone), dict(st.lookups),
                     {r: Histogram(list(h.counts), h.total, h.bounds) for r, h in st.waits.items()},
                 )
                 for k, st in self._targets.items()

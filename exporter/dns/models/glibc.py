@@ -40,6 +40,7 @@ import dns.rcode
 import dns.rdatatype
 
 from exporter.dns.models import GlibcState, Lookup, ResolverOptions, Servers
+from exporter.dns.resolver import parse_reply
 
 _OK, _FAIL, _TC = "ok", "fail", "tc"
 _NEXT_NS_RCODES = (dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED)
@@ -59,19 +60,6 @@ def _matches(q: _Query, r: dns.message.Message) -> bool:
         return False
     a, b = q.msg.question[0], r.question[0]
     return bool(a.name == b.name and a.rdtype == b.rdtype and a.rdclass == b.rdclass)
-
-
-def _parse(data: bytes) -> dns.message.Message | None:
-    try:
-        msg = dns.message.from_wire(data)
-    except Exception:
-        if len(data) >= 12 and struct.unpack_from("!H", data, 2)[0] & dns.flags.TC:
-            try:
-                return dns.message.from_wire(data, question_only=True)
-            except Exception:
-                return None
-        return None
-    return msg if msg.flags & dns.flags.QR else None
 
 
 def _budget(timeout: float, ns: int, nscount: int) -> float:
@@ -172,7 +160,7 @@ class _Glibc:
                 self.result.error = _errname(e)
                 self._close(ns)
                 return _FAIL
-            msg = _parse(data)
+            msg = parse_reply(data, require_qr=True)
             if msg is None:
                 continue
             hit = next((q for q in self.queries if q.qtype not in received and _matches(q, msg)), None)
@@ -220,7 +208,7 @@ class _Glibc:
                 await writer.drain()
                 while len(self.got) < 2:
                     (n,) = struct.unpack("!H", await reader.readexactly(2))
-                    msg = _parse(await reader.readexactly(n))
+                    msg = parse_reply(await reader.readexactly(n), require_qr=True)
                     hit = None if msg is None else next(
                         (q for q in self.queries if q.qtype not in self.got and _matches(q, msg)), None)
                     if hit is not None and msg is not None:
