@@ -5,10 +5,10 @@ events ever reach it. One thread; the kernel queues events in the socket's recei
 (`--collector.dnsflows.receive-buffer`, SO_RCVBUFFORCE with CAP_NET_ADMIN).
 
 - ENOBUFS: the buffer overflowed and the kernel dropped events (how many, it does not say). Counted
-  (`events_lost`), logged once per burst, and followed by a resync: a dump of the table, of which the
-  port-53 entries are read (at most one resync per RESYNC_MIN_GAP), to find the exporter's own probe
-  flows whose NEW event was lost. Counters of the lost events themselves cannot be recovered, which the
-  docs say.
+  (`events_lost`), logged once per burst (overflows less than BURST_GAP apart), and followed by a
+  resync: a dump of the table, of which the port-53 entries are read (at most one resync per
+  RESYNC_MIN_GAP), to find the exporter's own probe flows whose NEW event was lost. Counts of the lost
+  events themselves cannot be recovered, which the docs say.
 - Socket errors (no permission, no ctnetlink): listener down (`listener_up 0`), one log line, retried
   with a growing back-off.
 - `nf_conntrack_events` = 0: the kernel sends no events at all. Re-read every SYSCTL_EVERY seconds and
@@ -38,6 +38,7 @@ EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
 SYSCTL_EVERY = 30.0
 RESYNC_MIN_GAP = 10.0
 RESYNC_MAX_SECONDS = 10.0
+BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 RECV_BUFFER = 1 << 16
 
@@ -164,7 +165,7 @@ class FlowListener:
         buf = bytearray(RECV_BUFFER)
         stats = self.stats
         next_sysctl = time.monotonic() + SYSCTL_EVERY
-        overflowing = False
+        last_lost = -BURST_GAP
         while not self._stop.is_set():
             try:
                 n = sock.recv_into(buf)
@@ -173,10 +174,12 @@ class FlowListener:
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     stats.lost_events()
-                    if not overflowing:
+                    now = time.monotonic()
+                    if now - last_lost > BURST_GAP:  # one line per burst of overflows
                         self._log.warning("conntrack events lost (ENOBUFS: the receive buffer overflowed); "
-                                          "resyncing from a table dump")
-                    overflowing = True
+                                          "resyncing from a table dump; raise --collector.dnsflows.receive-buffer "
+                                          "if this repeats")
+                    last_lost = now
                     self._resync_once()
                     continue
                 self._log.warning("DNS flow listener: receive failed: %s; reopening", e.strerror)
@@ -186,7 +189,6 @@ class FlowListener:
                 self._stop.wait(0.05)
                 continue
             if n > 0:
-                overflowing = False
                 try:
                     for mtype, flow in iter_flows(buf, n):
                         if flow is None:
