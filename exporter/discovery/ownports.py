@@ -29,6 +29,7 @@ class OwnPorts:
             self._ports[(proto, port)] = now + self._linger
 
     def __contains__(self, key: tuple[int, int]) -> bool:
-        with self._lock:
-            until = self._ports.get(key)
+        # Called for every DNS event: one dict read, no lock (a dict read is atomic, and `register`
+        # replaces the dict whole when it expires entries).
+        until = self._ports.get(key)
         return until is not None and until > time.monotonic()

@@ -136,7 +136,8 @@ class FlowStats:
         self._own_ids[ct_id] = now + OWN_ID_TTL
 
     def new(self, flow: Flow) -> None:
-        self.refresh()
+        if self._targets_version < 0:
+            self.refresh()  # first event; afterwards the listener refreshes once per batch
         with self._lock:
             self.events["new"] += 1
             if self.own(flow):
@@ -147,7 +148,8 @@ class FlowStats:
             self.flows[label] = self.flows.get(label, 0) + 1
 
     def destroy(self, flow: Flow) -> None:
-        self.refresh()
+        if self._targets_version < 0:
+            self.refresh()
         with self._lock:
             self.events["destroy"] += 1
             if self._own_ids.pop(flow[7], None) is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,8 @@ from exporter.core import logs
 from exporter.core.errors import CollectorError
 from exporter.dnsflows.bpf import dns_port_filter
 from exporter.dnsflows.flows import FlowStats
-from exporter.dnsflows.parse import CT_DELETE, CT_NEW, iter_flows
+from exporter.dnsflows.parse import CT_DELETE, CT_NEW, iter_flows, parse_flow
+from exporter.netlink import ParseError
 
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 IPCTNL_MSG_CT_GET = 1
@@ -38,13 +40,15 @@ EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
 SYSCTL_EVERY = 30.0
 RESYNC_MIN_GAP = 10.0
 RESYNC_MAX_SECONDS = 10.0
+BATCH_PAUSE = 0.02  # seconds between draining the queue and waiting again (at most 50 wake-ups/s)
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 RECV_BUFFER = 1 << 16
+_MSG = struct.Struct("=IH").unpack_from
 
 
 class EventSocket(Protocol):
-    def recv_into(self, buffer: bytearray, /) -> int: ...
+    def recv_into(self, buffer: bytearray, nbytes: int = 0, flags: int = 0, /) -> int: ...
 
     def close(self) -> None: ...
 
@@ -94,6 +98,23 @@ def dump_dns_flows(stats: FlowStats, deadline: float) -> list[int]:
     finally:
         sock.close()
     return own
+
+
+def feed(stats: FlowStats, buf: bytearray, n: int) -> None:
+    """Account every message of one datagram (the kernel sends one event per datagram)."""
+    off = 0
+    while off + 16 <= n:
+        mlen, mtype = _MSG(buf, off)
+        if mlen < 16 or off + mlen > n:
+            raise ParseError(f"truncated netlink message at offset {off} (length {mlen}, {n - off} left)")
+        flow = parse_flow(buf, off, off + mlen) if mtype in (CT_NEW, CT_DELETE) else None
+        if flow is None:
+            stats.other_event()
+        elif mtype == CT_NEW:
+            stats.new(flow)
+        else:
+            stats.destroy(flow)
+        off += (mlen + 3) & ~3
 
 
 class FlowListener:
@@ -166,9 +187,10 @@ class FlowListener:
         stats = self.stats
         next_sysctl = time.monotonic() + SYSCTL_EVERY
         last_lost = -BURST_GAP
+        blocking = True
         while not self._stop.is_set():
             try:
-                n = sock.recv_into(buf)
+                n = sock.recv_into(buf, 0, 0 if blocking else socket.MSG_DONTWAIT)
             except (BlockingIOError, TimeoutError, InterruptedError):
                 n = -1
             except OSError as e:
@@ -190,16 +212,20 @@ class FlowListener:
                 continue
             if n > 0:
                 try:
-                    for mtype, flow in iter_flows(buf, n):
-                        if flow is None:
-                            stats.other_event()
-                        elif mtype == CT_NEW:
-                            stats.new(flow)
-                        elif mtype == CT_DELETE:
-                            stats.destroy(flow)
+                    feed(stats, buf, n)
                 except CollectorError as e:  # a garbled event: count it, keep listening
                     stats.other_event()
                     self._log.debug("unreadable conntrack event: %s", e)
+                if blocking:
+                    blocking = False  # drain what is queued without waiting, then pause
+                continue
+            if not blocking:
+                # The queue is drained: pause before the next wait, so that a steady stream is read in
+                # batches (tens of events per wake-up) rather than one wake-up per event, which would cost
+                # more than parsing. The receive buffer holds the events meanwhile.
+                blocking = True
+                self._stop.wait(BATCH_PAUSE)
+            stats.refresh()  # the pod map and targets, at most once per REFRESH seconds
             if time.monotonic() >= next_sysctl:
                 next_sysctl = time.monotonic() + SYSCTL_EVERY
                 self.check_sysctl()

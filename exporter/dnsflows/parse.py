@@ -8,6 +8,7 @@ dump reply (the resync after lost events) has the same layout and goes through t
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -32,6 +33,31 @@ _ATTRS = 20  # nlmsghdr + nfgenmsg
 
 # (proto, orig src, orig dst, sport, dport, reply src, status, id); addresses packed (4 or 16 bytes)
 Flow = tuple[int, bytes, bytes, int, int, bytes, int, int]
+
+NLA_F_NESTED = 0x8000
+
+
+def _hdr(length: int, atype: int) -> int:
+    """An attribute header (len, type) as the native u32 the fast path reads."""
+    return int(struct.unpack("=I", struct.pack("=HH", length, atype))[0])
+
+
+# Fast path: an IPv4 event without zone lays out, at fixed offsets, the original tuple { ip { src, dst },
+# proto { num, sport, dport } }, the reply tuple (its source read, the rest skipped), then CTA_ID and
+# CTA_STATUS (the order of ctnetlink_conntrack_event). Every attribute header on the way is compared with
+# what it must be; anything else (IPv6, zones, dump replies, other kernels) takes the attribute walk.
+_FAST4 = struct.Struct("=16xB3x" "III4sI4s" "IIB3xIH2xIH2x" "III4s36x" "I4sI4s")
+_FAST4_SIZE = _FAST4.size
+_FAST4_HDRS = (_hdr(52, CTA_TUPLE_ORIG | NLA_F_NESTED), _hdr(20, CTA_TUPLE_IP | NLA_F_NESTED),
+               _hdr(8, CTA_IP_V4_SRC), _hdr(8, CTA_IP_V4_DST), _hdr(28, CTA_TUPLE_PROTO | NLA_F_NESTED),
+               _hdr(5, CTA_PROTO_NUM), _hdr(6, CTA_PROTO_SRC_PORT), _hdr(6, CTA_PROTO_DST_PORT),
+               _hdr(52, CTA_TUPLE_REPLY | NLA_F_NESTED), _hdr(20, CTA_TUPLE_IP | NLA_F_NESTED),
+               _hdr(8, CTA_IP_V4_SRC), _hdr(8, CTA_ID), _hdr(8, CTA_STATUS))
+_FAST4_UNPACK = _FAST4.unpack_from
+_AF_INET = 2
+_DNS_NATIVE = int(struct.unpack("=H", struct.pack("!H", DNS_PORT))[0])
+_BE32 = struct.Struct("!I").unpack
+_ntohs = socket.ntohs
 
 
 def _tuple(buf: bytes | bytearray | memoryview, p: int, end: int) -> tuple[bytes, bytes, int, int, int]:
@@ -75,6 +101,18 @@ def _tuple(buf: bytes | bytearray | memoryview, p: int, end: int) -> tuple[bytes
 def parse_flow(buf: bytes | bytearray | memoryview, off: int, end: int) -> Flow | None:
     """The flow of the conntrack message at buf[off:end] (header included), or None unless it is UDP or
     TCP to port 53. Raises ParseError on a garbled message."""
+    if end - off >= _FAST4_SIZE and buf[off + 16] == _AF_INET:
+        (_fam, oh, ih, sh, src, dh, dst, ph, nh, proto, sph, sport, dph, dport, rh, rih, rsh, rsrc, idh, ct_id,
+         sth, status) = _FAST4_UNPACK(buf, off)
+        if (oh, ih, sh, dh, ph, nh, sph, dph, rh, rih, rsh, idh, sth) == _FAST4_HDRS:
+            if dport != _DNS_NATIVE or proto not in (PROTO_UDP, PROTO_TCP):
+                return None
+            return (proto, src, dst, _ntohs(sport), DNS_PORT, rsrc, _BE32(status)[0],
+                    _BE32(ct_id)[0])
+    return _walk(buf, off, end)
+
+
+def _walk(buf: bytes | bytearray | memoryview, off: int, end: int) -> Flow | None:
     p = off + _ATTRS
     proto = sport = dport = status = ct_id = 0
     src = dst = rsrc = b""

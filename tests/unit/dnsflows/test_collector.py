@@ -29,7 +29,7 @@ class Replay:
     def __init__(self, items: list[bytes | OSError]) -> None:
         self.items = list(items)
 
-    def recv_into(self, buf: bytearray, /) -> int:
+    def recv_into(self, buf: bytearray, nbytes: int = 0, flags: int = 0, /) -> int:
         if not self.items:
             time.sleep(0.01)
             raise BlockingIOError(errno.EAGAIN, "no data")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from exporter.dnsflows.bpf import dns_port_filter
-from exporter.dnsflows.parse import CT_DELETE, CT_NEW, IPS_SEEN_REPLY, iter_flows
+from exporter.dnsflows.parse import CT_DELETE, CT_NEW, IPS_SEEN_REPLY, _walk, iter_flows, parse_flow
 from exporter.netlink import ParseError
 from tests.unit.dnsflows import bpfvm
 
@@ -46,6 +46,19 @@ def test_recorded_events_parse_into_the_flows_that_were_made() -> None:
     # at creation nothing has been answered yet
     assert not any(v[CT_NEW][6] & IPS_SEEN_REPLY for v in by_id.values())
     assert all(f[4] == 53 and f[3] > 1024 for _, f in dns)
+
+
+def test_the_fixed_offset_fast_path_reads_what_the_attribute_walk_reads() -> None:
+    """IPv4 events take the fast path (one unpack, every header checked); it must agree with the walk, and
+    a layout it does not know (here: the reply tuple's header changed) must fall back to the walk."""
+    fast = 0
+    for d in events():
+        assert parse_flow(d, 0, len(d)) == _walk(d, 0, len(d))
+        fast += d[16] == socket.AF_INET
+    assert fast >= 8
+    d = next(e for e in events() if e[16] == socket.AF_INET and parse_flow(e, 0, len(e)) is not None)
+    moved = d[:74] + struct.pack("=H", 2 | 0x8000 | 0x4000) + d[76:]  # reply tuple type with an extra flag bit
+    assert parse_flow(moved, 0, len(moved)) == _walk(moved, 0, len(moved)) == parse_flow(d, 0, len(d))
 
 
 def test_the_bpf_program_passes_exactly_the_dns_events() -> None:
