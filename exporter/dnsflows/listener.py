@@ -38,7 +38,7 @@ NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 IPCTNL_MSG_CT_GET = 1
 EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
 SYSCTL_EVERY = 30.0
-RESYNC_MIN_GAP = 10.0
+RESYNC_MIN_GAP = 60.0  # a dump of a full table costs about a second of CPU
 RESYNC_MAX_SECONDS = 10.0
 BATCH_PAUSE = 0.1  # seconds between draining the queue and waiting again (at most 10 wake-ups/s)
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
@@ -135,7 +135,7 @@ class FlowListener:
         self.events_enabled: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_resync = -RESYNC_MIN_GAP
+        self._last_resync: float | None = None
         self._log = logs.get("dnsflows")
 
     def start(self) -> None:
@@ -186,7 +186,7 @@ class FlowListener:
         buf = bytearray(RECV_BUFFER)
         stats = self.stats
         next_sysctl = time.monotonic() + SYSCTL_EVERY
-        last_lost = -BURST_GAP
+        last_lost = float("-inf")
         blocking = True
         while not self._stop.is_set():
             try:
@@ -232,7 +232,7 @@ class FlowListener:
 
     def _resync_once(self) -> None:
         now = time.monotonic()
-        if now - self._last_resync < RESYNC_MIN_GAP:
+        if self._last_resync is not None and now - self._last_resync < RESYNC_MIN_GAP:
             return
         self._last_resync = now
         try:
