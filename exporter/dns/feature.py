@@ -121,6 +121,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         search_names=tuple(dict.fromkeys(args.probe_search_name)),
     )
     store = ProbeStore()
+    ctx.shared["dns.store"] = store
     return Built(collectors=[DnsProbeCollector(store, ctx.targets)],
                  services=[ProbeService(config, ctx.discovery, store)])
 
