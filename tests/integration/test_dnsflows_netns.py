@@ -14,6 +14,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,3 +117,16 @@ def test_an_unprivileged_exporter_reports_the_listener_down_in_one_line(netns: N
         assert log.count("DNS flow listener down") == 1 and "CAP_NET_ADMIN" in log, log
     finally:
         exp.stop()
+
+
+def test_events_disabled_is_reported_and_the_sysctl_left_alone(tracked: Netns) -> None:
+    """nf_conntrack_events=0 in the namespace (its own sysctl): the kernel sends nothing; the exporter says
+    so once and in a metric, and the sysctl is still 0 afterwards."""
+    tracked.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_events=0"])
+    with Exporter(BASE, netns=tracked) as exp:
+        wait_until("events_enabled 0", lambda: value(exp.scrape(), "conntrack_dns_events_enabled") == 0, 10)
+        churn(tracked, 0.5, 0, 50)
+        time.sleep(1)
+        assert events(exp, "new") == 0  # so the metric is the only hint
+        assert exp.stderr().count("nf_conntrack_events is 0") == 1, exp.stderr()
+    assert tracked.exec(["sysctl", "-n", "net.netfilter.nf_conntrack_events"]).stdout.strip() == "0"

@@ -38,12 +38,13 @@ EXPORTED = {
     "dns_probe_retries_total", "dns_probe_partial_pairs_total", "dns_probe_target_info", "dns_probe_nodelocal_present",
     "conntrack_dns_exporter_collector_success", "conntrack_dns_exporter_kubernetes_up",
     "conntrack_dns_exporter_collector_duration_seconds", "conntrack_dns_exporter_build_info",
+    "conntrack_dns_flows_total", "conntrack_dns_unanswered_flows_total", "conntrack_dns_events_total",
     "ALERTS",  # Prometheus's own series of the shipped rules' alerts
 }
 PROMQL_WORDS = {"sum", "by", "min", "max", "count", "topk", "rate", "increase", "histogram_quantile", "or", "and",
                 "on", "le", "node", "kind", "mode", "collector", "protocol", "state", "namespace", "pod",
                 "transport", "job", "instance", "version", "python_version", "alertname", "alertstate",
-                "severity"}
+                "severity", "backend", "server_kind", "type"}
 INFO = "conntrack_dns_exporter_build_info"
 
 
