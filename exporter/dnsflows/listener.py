@@ -41,6 +41,7 @@ SYSCTL_EVERY = 30.0
 RESYNC_MIN_GAP = 60.0  # a dump of a full table costs about a second of CPU
 RESYNC_MAX_SECONDS = 10.0
 BATCH_PAUSE = 0.1  # seconds between draining the queue and waiting again (at most 10 wake-ups/s)
+BATCH_BIG = 512  # datagrams in one drain above which the listener does not pause
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 RECV_BUFFER = 1 << 16
@@ -188,6 +189,7 @@ class FlowListener:
         next_sysctl = time.monotonic() + SYSCTL_EVERY
         last_lost = float("-inf")
         blocking = True
+        batch = 0
         while not self._stop.is_set():
             try:
                 n = sock.recv_into(buf, 0, 0 if blocking else socket.MSG_DONTWAIT)
@@ -218,13 +220,17 @@ class FlowListener:
                     self._log.debug("unreadable conntrack event: %s", e)
                 if blocking:
                     blocking = False  # drain what is queued without waiting, then pause
+                    batch = 0
+                batch += 1
                 continue
             if not blocking:
                 # The queue is drained: pause before the next wait, so that a steady stream is read in
                 # batches (tens of events per wake-up) rather than one wake-up per event, which would cost
-                # more than parsing. The receive buffer holds the events meanwhile.
+                # more than parsing. The receive buffer holds the events meanwhile; a big batch means a
+                # heavy stream, which is read on at once so that the buffer does not overflow.
                 blocking = True
-                self._stop.wait(BATCH_PAUSE)
+                if batch < BATCH_BIG:
+                    self._stop.wait(BATCH_PAUSE)
             stats.refresh()  # the pod map and targets, at most once per REFRESH seconds
             if time.monotonic() >= next_sysctl:
                 next_sysctl = time.monotonic() + SYSCTL_EVERY

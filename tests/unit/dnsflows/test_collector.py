@@ -173,3 +173,28 @@ def test_backend_labels_are_bounded() -> None:
     snap = stats.snapshot()
     assert len(snap.flows) == flows_mod.MAX_BACKENDS + 2  # 64 backends + service/other + other/other
     assert snap.flows[("service", "other")] == 20 and snap.flows[("other", "other")] == flows_mod.MAX_BACKENDS + 20
+
+
+def test_series_stay_within_the_documented_cardinality() -> None:
+    """docs/metrics.md: series <= 2 x sum_k B_k + (P + 2) + 8; the typical node there has at most 28."""
+    d = Discovery()
+    d.targets.set("kubernetes", [Target("10.96.0.10", kind="service"), Target("10.244.10.2", kind="endpoint"),
+                                 Target("10.244.11.2", kind="endpoint")])
+    d.pods.replace([(f"10.244.1.{i}", "shop", f"pod-{i}") for i in range(2, 40)])
+    stats = FlowStats(d, top_n=10)
+    svc, ep = socket.inet_aton("10.96.0.10"), socket.inet_aton("10.244.10.2")
+    backends = [socket.inet_aton("10.244.10.2"), socket.inet_aton("10.244.11.2")]
+    for i in range(2000):  # 38 pods, through the Service, straight to one pod, to public resolvers; half lost
+        client = socket.inet_aton(f"10.244.1.{2 + i % 38}")
+        public = socket.inet_aton(f"9.9.{i % 200}.{i % 7}")
+        for dst, backend in ((svc, backends[i % 2]), (ep, ep), (public, public)):
+            flow = (17, client, dst, 30000 + i, 53, backend, 0x208 if i % 2 else 0x20A, i)
+            stats.new(flow)
+            stats.destroy(flow)
+    listener = FlowListener(stats, events_sysctl=lambda: 2)
+    listener.check_sysctl()
+    reg = build_registry([DnsFlowsCollector(listener)])
+    series = [s for fam in reg.collect() if fam.name.startswith("conntrack_dns_")
+              and not fam.name.startswith("conntrack_dns_exporter") for s in fam.samples]
+    assert len(series) <= 2 * 4 + (10 + 2) + 8 == 28
+    assert len(series) >= 20  # the scenario does fill the rows (a check that could not fail would be worthless)
