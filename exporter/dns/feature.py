@@ -13,9 +13,11 @@ import ipaddress
 import dns.exception
 import dns.name
 
+from exporter.core.errors import ConfigError
 from exporter.core.feature import AppContext, Built, Feature
-from exporter.core.flags import add_flag, parse_duration, parse_hostport, positive_int
+from exporter.core.flags import add_flag, duration, int_range, parse_hostport
 from exporter.discovery.targets import Target
+from exporter.dns import resolvconf
 from exporter.dns.collector import DnsProbeCollector
 from exporter.dns.resolver import MODES
 from exporter.dns.scheduler import ProbeConfig, ProbeService
@@ -79,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="DNS server to probe (kind static); repeatable.")
     add_flag(g, "--probe.resolv-conf", default="/etc/resolv.conf", metavar="PATH",
              help="Probe this file's nameservers (kind resolvconf) when no other target is configured; "
-                  "its search list and ndots drive --probe.search-name.")
+                  "its search list and ndots drive --probe.search-name. Re-read only when it changes; a FIFO, "
+                  "device or file over 256 KiB is refused.")
     add_flag(g, "--probe.nodelocal", default=None, type=server_address, metavar="IP[:PORT]",
              help="NodeLocal DNSCache address (e.g. 169.254.20.10), probed only while it answers.")
     add_flag(g, "--probe.name", action="append", type=probe_name, default=[DEFAULT_NAME], metavar="NAME",
@@ -87,14 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--probe.modes", default=("parallel", "tcp"), type=modes, metavar="MODE,...",
              help="Probe modes: parallel (one UDP socket, like glibc), sequential (single-request-reopen), "
                   "tcp (use-vc).")
-    add_flag(g, "--probe.timeout", default=None, type=parse_duration,
+    add_flag(g, "--probe.timeout", default=None, type=duration(0.001, 30),
              help=f"Per-attempt timeout, as resolv.conf's options timeout (default {DEFAULT_TIMEOUT:g}s; "
                   "resolv.conf targets: that file's options timeout).")
-    add_flag(g, "--probe.attempts", default=None, type=positive_int,
+    add_flag(g, "--probe.attempts", default=None, type=int_range(1, 5),
              help=f"Transmissions per query, as resolv.conf's options attempts (default {DEFAULT_ATTEMPTS}; "
                   "resolv.conf targets: that file's options attempts).")
-    add_flag(g, "--probe.interval", default=5.0, type=parse_duration, help="Time between probe rounds.")
-    add_flag(g, "--probe.concurrency", default=8, type=positive_int, help="Lookups in flight at most.")
+    add_flag(g, "--probe.interval", default=5.0, type=duration(0.1, 86400), help="Time between probe rounds.")
+    add_flag(g, "--probe.concurrency", default=8, type=int_range(1, 1024), help="Lookups in flight at most.")
     add_flag(g, "--probe.search-name", action="append", type=search_name, metavar="NAME",
              help="Walk resolv.conf's search list for this name as glibc does and record queries and time; "
                   "repeatable.")
@@ -103,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build(args: argparse.Namespace, ctx: AppContext) -> Built:
     if not args.collector_dns:
         return Built()
+    why = resolvconf.check(args.probe_resolv_conf)
+    if why:  # a FIFO or device would block or flood the probe loop; a missing file may appear later
+        raise ConfigError(f"--probe.resolv-conf {args.probe_resolv_conf} {why}")
     static = [Target(h, p, "static") for h, p in args.probe_server]
     ctx.targets.set("static", static)
     if args.probe_nodelocal is not None:
