@@ -4,7 +4,7 @@ One run, in a namespace this benchmark creates and deletes (conntrack in use, UD
 DESTROY events follow the NEW ones at the same rate):
 1. the real exporter (only `--collector.dnsflows`) while `tests.support.churn` makes a fixed churn of
    non-DNS flows (target 20,000/s: UDP to ever new destinations, every tenth a TCP SYN to a closed
-   port) plus 1,000 DNS flows/s (UDP, every tenth TCP, to 127.0.0.53 where nothing answers), for
+   port) plus 1,000 DNS flows/s (UDP, every tenth TCP, each to its own 127.53.x.y where nothing answers), for
    CHURN_SECONDS, measured from the churn's start until TAIL_SECONDS after its end (the DESTROY events of
    the last flows): the exporter's CPU (utime+stime from /proc) with the filter and with
    `--collector.dnsflows.debug-unfiltered`, as a ratio; events handled per second;

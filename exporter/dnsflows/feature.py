@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from exporter.core.feature import AppContext, Built, Feature
-from exporter.core.flags import add_flag, parse_duration, positive_int
+from exporter.core.flags import add_flag, duration, int_range
 from exporter.dnsflows.collector import DnsFlowsCollector
 from exporter.dnsflows.flows import FlowStats
 from exporter.dnsflows.listener import FlowListener
@@ -21,11 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--collector.dnsflows", default=True, action="bool",
              help="Count real clients' DNS flows (by backend, unanswered, top pods) from the kernel's conntrack "
                   "events.")
-    add_flag(g, "--collector.dnsflows.top-pods", default=10, type=positive_int,
+    add_flag(g, "--collector.dnsflows.top-pods", default=10, type=int_range(1, 1000),
              help="Pods reported by conntrack_dns_unanswered_top_pods (the rest are summed into pod=\"other\").")
-    add_flag(g, "--collector.dnsflows.window", default=300.0, type=parse_duration,
+    add_flag(g, "--collector.dnsflows.window", default=300.0, type=duration(10, 86400),
              help="Window of conntrack_dns_unanswered_top_pods: unanswered flows destroyed within it.")
-    add_flag(g, "--collector.dnsflows.receive-buffer", default=4 << 20, type=positive_int, metavar="BYTES",
+    add_flag(g, "--collector.dnsflows.receive-buffer", default=4 << 20, type=int_range(1, 1 << 30), metavar="BYTES",
              help="Receive buffer of the event socket; when it overflows the kernel drops events "
                   "(conntrack_dns_events_lost_total).")
     add_flag(g, "--collector.dnsflows.debug-unfiltered", default=False, action="bool",

@@ -11,15 +11,19 @@ so unanswered entries expire, and their DESTROY events arrive, within seconds.
 
 from __future__ import annotations
 
+import itertools
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import dns.exception
+import dns.message
+import dns.query
 import pytest
 
 from tests.lab import Lab
-from tests.lab.dnsq import query
 from tests.lab.topology import STALE_IP
 from tests.support import fakeapi
 from tests.support.exporter_proc import Samples
@@ -28,6 +32,7 @@ from tests.support.wait import wait_until
 pytestmark = [pytest.mark.netns, pytest.mark.lab]
 NODE = "lab-node"
 POD = ("shop", "cart-7d9f-x2")
+_PORTS = itertools.count(21000)
 
 
 class Env:
@@ -85,9 +90,22 @@ def glibc_lookups(lab: Lab, n: int) -> None:
 
 
 def pod_queries(lab: Lab, n: int) -> list[str]:
-    """n single queries from the pod to the Service IP, each from its own socket (its own flow)."""
-    return [query(lab.pod.name, lab.service_ip, f"n{time.time_ns()}.cluster.local", timeout=0.3).outcome
-            for _ in range(n)]
+    """n single queries from the pod to the Service IP, each from its own socket bound to a port no other
+    query of this session used: each its own flow (a reused port could meet its predecessor's entry)."""
+    out = []
+    for _ in range(n):
+        sock = lab.pod.socket(type=socket.SOCK_DGRAM)
+        try:
+            sock.settimeout(0.3)
+            sock.bind(("0.0.0.0", next(_PORTS)))
+            q = dns.message.make_query(f"n{time.time_ns()}.cluster.local", "A")
+            dns.query.udp(q, lab.service_ip, timeout=0.3, sock=sock)
+            out.append("answered")
+        except (dns.exception.Timeout, TimeoutError):
+            out.append("timeout")
+        finally:
+            sock.close()
+    return out
 
 
 def settle(env: Env) -> None:

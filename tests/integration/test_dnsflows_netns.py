@@ -4,7 +4,7 @@ fail), and an overflowing receive buffer is counted, resynced and survived.
 
 The exporter runs as a process inside the namespace; the churn is `tests.support.churn` in a second
 process there (UDP datagrams to ever new destinations, TCP SYNs to a closed port, DNS queries to
-127.0.0.53 where nothing answers). The namespace's UDP timeout is lowered to 1 s (a child namespace's
+127.53.x.y where nothing answers). The namespace's UDP timeout is lowered to 1 s (a child namespace's
 own sysctl) so DESTROY events follow within seconds.
 """
 
@@ -60,7 +60,7 @@ def test_non_dns_churn_never_reaches_the_listener_with_the_filter(tracked: Netns
         assert value(samples, "conntrack_dns_events_total", type="other") == 0
         assert value(samples, "conntrack_dns_events_lost_total") == 0
         assert value(samples, "conntrack_dns_flows_total", server_kind="other", backend="other") == dns
-        # nobody answers at 127.0.0.53: once the entries expire, every one of them is unanswered
+        # nobody answers at 127.53.x.y: once the entries expire, every one of them is unanswered
         wait_until("the DESTROY events", lambda: events(exp, "destroy") >= dns, 40, interval=0.5)
         samples = exp.scrape()
         assert value(samples, "conntrack_dns_unanswered_flows_total", server_kind="other", backend="other") == dns
