@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NoReturn
 
 from exporter import __version__
 from exporter.core import caps, logs
-from exporter.core.flags import add_flag, check_env, duration, int_range, parse_hostport
+from exporter.core.flags import Parser, add_flag, duration, int_range, parse_hostport
 from exporter.features import all_features
 
 DEFAULT_PORT = 19153
 PROG = "conntrack-dns-exporter"
-
-
-class _Parser(argparse.ArgumentParser):
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        parsed = super().parse_known_args(args, namespace)
-        check_env(parsed[0])  # a bad environment twin counts only if the command line left that flag unset
-        return parsed
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
-        raise SystemExit(2)
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -43,7 +31,7 @@ def telemetry_path(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
+    p = Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
                 epilog="Subcommands: diagnose (check the node's DNS path and name the cause; diagnose --help), "
                        "record (capture a replayable fixture of this namespace; record --help).",
                 allow_abbrev=False)

@@ -55,6 +55,18 @@ def _or_zero(metric: str, sel: str, by: str, window: str, requests_sel: str) -> 
             f" or sum by ({by}) (increase(dns_probe_requests_total{{{requests_sel}}}[{window}])) * 0)")
 
 
+ENDPOINT_QUERIES = "dns_probe_endpoint_queries_total"
+ENDPOINT_FAILED = 'result!~"ok|retried"'
+
+
+def _endpoint_failure_ratio(sel: str, by: str, window: str) -> str:
+    """Failed share of the sampled endpoints' queries (issue 17: results only, no per mode/qtype series);
+    0 where every query succeeded (the failure results do not exist then)."""
+    total = f"sum by ({by}) (increase({ENDPOINT_QUERIES}{{{sel}}}[{window}]))"
+    return (f"(sum by ({by}) (increase({ENDPOINT_QUERIES}{{{sel}, {ENDPOINT_FAILED}}}[{window}])) or {total} * 0)\n"
+            f"  / {total}")
+
+
 def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
     """The alert definitions, as (group name, rules) pairs in rule-file form."""
     s = f'job="{job}"'
@@ -115,7 +127,8 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
     by_par = f"{NODE_LABELS}, server, kind"
     dns = [
         alert("DNSProbeFailures",
-              f"{ratio_failures}\n> {PROBE_FAILURE_RATIO}",
+              f"(\n{ratio_failures}\n) > {PROBE_FAILURE_RATIO}\nor\n"
+              f"(\n{_endpoint_failure_ratio(ep, by_target, '10m')}\n) > {PROBE_FAILURE_RATIO}",
               "5m", "warning",
               "DNS probes to a server are failing.",
               f"{{{{ $value | humanizePercentage }}}} of the DNS probes from node {NODE} to "
@@ -128,8 +141,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               f")\n  / sum by ({NODE_LABELS}) (increase(dns_probe_requests_total{{{svc}}}[5m]))\n"
               f"> {PROBE_FAILURE_RATIO}\n"
               f"and on ({NODE_LABELS})\n"
-              f"  {_or_zero('dns_probe_failures_total', ep, NODE_LABELS, '5m', ep)}\n"
-              f"  / sum by ({NODE_LABELS}) (increase(dns_probe_requests_total{{{ep}}}[5m]))\n"
+              f"  {_endpoint_failure_ratio(ep, NODE_LABELS, '5m')}\n"
               f"<= {PROBE_FAILURE_RATIO}",
               "5m", "critical",
               "DNS through the Service IP is broken on this node while the DNS pods answer directly.",
@@ -176,8 +188,44 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
         {"name": "conntrack-dns-exporter.conntrack", "rules": table},
         {"name": "conntrack-dns-exporter.dns", "rules": dns},
         {"name": "conntrack-dns-exporter.exporter", "rules": selfmon},
+        {"name": "conntrack-dns-exporter.fleet", "rules": fleet_records(s)},
         {"name": "conntrack-dns-exporter.dnsflows", "rules": [dnsflows_backend_unanswered(s, alert)]},
     ]
+
+
+# Fleet aggregation (issue 17) -------------------------------------------------------------------------------
+# Each node probes only a sample of the CoreDNS endpoints, so one node's per-endpoint view is thin; these
+# rules add the fleet up per endpoint across nodes and per node across endpoints. Sums of rates (not
+# ratios) are recorded first so that a Thanos/Mimir ruler can sum them again across shards or clusters;
+# the ratios divide two recorded sums. FLEET_LABELS is what the per-endpoint rules keep besides `server`
+# (add `cluster` there when one ruler sees several clusters). See docs/scale.md.
+FLEET_LABELS = "job"
+
+
+def fleet_records(s: str) -> list[dict[str, Any]]:
+    q = ENDPOINT_QUERIES
+    node, srv = NODE_LABELS, f"{FLEET_LABELS}, server"
+    out: list[dict[str, Any]] = []
+    for level, by in (("node", node), ("server", srv)):
+        out += [
+            {"record": f"{level}:dns_probe_endpoint_queries:rate5m",
+             "expr": f"sum by ({by}) (rate({q}{{{s}}}[5m]))"},
+            {"record": f"{level}:dns_probe_endpoint_failures:rate5m",
+             "expr": f"sum by ({by}) (rate({q}{{{s}, {ENDPOINT_FAILED}}}[5m]))"},
+            {"record": f"{level}:dns_probe_endpoint_retries:rate5m",
+             "expr": f'sum by ({by}) (rate({q}{{{s}, result="retried"}}[5m]))'},
+            {"record": f"{level}:dns_probe_endpoint_failures:ratio_rate5m",
+             "expr": f"(\n  {level}:dns_probe_endpoint_failures:rate5m{{{s}}}\n"
+                     f"  or {level}:dns_probe_endpoint_queries:rate5m{{{s}}} * 0\n)\n"
+                     f"/ {level}:dns_probe_endpoint_queries:rate5m{{{s}}}"},
+        ]
+    out += [
+        {"record": "server_result:dns_probe_endpoint_failures:rate5m",
+         "expr": f"sum by ({srv}, result) (rate({q}{{{s}, {ENDPOINT_FAILED}}}[5m]))"},
+        {"record": "server:dns_probe_endpoint_probing_nodes:count5m",
+         "expr": f"count by ({srv}) (\n  sum by ({srv}, instance, node) (increase({q}{{{s}}}[5m])) > 0\n)"},
+    ]
+    return out
 
 
 # DNSBackendUnanswered (issue 14): real pods' DNS flows, from conntrack events (exporter/dnsflows/).
@@ -238,7 +286,7 @@ def render_groups(job: str = DEFAULT_JOB, runbook_base_url: str = RUNBOOK_BASE_U
             if for_override is not None and "for" in r:
                 r["for"] = for_override
             if extra_labels:
-                r["labels"] = {**r["labels"], **extra_labels}
+                r["labels"] = {**r.get("labels", {}), **extra_labels}
     return groups
 
 

@@ -283,3 +283,17 @@ class _Append(argparse.Action):
         items = [] if current is None or current is self.default else list(current)
         items.append(values)
         setattr(namespace, self.dest, items)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command: errors are one line naming the program and exit 2 (never a usage dump),
+    and a bad environment twin counts only if the command line left that flag unset."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed = super().parse_known_args(args, namespace)
+        check_env(parsed[0])
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)

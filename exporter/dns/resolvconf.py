@@ -35,6 +35,7 @@ class ResolvConf:
     single_request: bool = False
     single_request_reopen: bool = False
     use_vc: bool = False
+    rotate: bool = False
 
     @property
     def mode(self) -> str:
@@ -84,6 +85,8 @@ def parse(text: str) -> ResolvConf:
                     rc.single_request_reopen = True
                 elif name == "use-vc":
                     rc.use_vc = True
+                elif name == "rotate":
+                    rc.rotate = True
     return rc
 
 

@@ -61,7 +61,8 @@ def env(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     kubeconfig = api.write_kubeconfig(str(workdir / "kubeconfig"))
     exporter = lab.start_exporter(
         "--web.notrack", "--collector.dns", "--kubernetes.enabled=true", f"--kubernetes.kubeconfig={kubeconfig}",
-        f"--kubernetes.node-name={NODE}", "--probe.interval=1s", "--probe.timeout=1s",
+        f"--kubernetes.node-name={NODE}", f"--probe.nodelocal={lab.nodelocal_ip}", "--probe.interval=1s",
+        "--probe.timeout=1s",
         "--collector.table.interval=10s", port=PORT)
     stack = Stack(workdir, f"{lab.host_node_ip}:{PORT}", NODE)
     try:

@@ -34,11 +34,11 @@ CONTRACT_METRICS = {
     "conntrack_stat_drop_total", "conntrack_stat_clash_resolve_total", "dns_probe_requests_total",
     "dns_probe_failures_total", "dns_probe_retries_total", "dns_probe_partial_pairs_total",
     "dns_probe_duration_seconds_bucket", "conntrack_dns_exporter_collector_success",
-    "conntrack_dns_exporter_kubernetes_up",
+    "conntrack_dns_exporter_kubernetes_up", "dns_probe_endpoint_queries_total",
     "conntrack_dns_flows_total", "conntrack_dns_unanswered_flows_total",
 }
 PROMQL_WORDS = {"sum", "by", "without", "increase", "rate", "or", "and", "on", "histogram_quantile", "le",
-                "label_replace", "job", "instance", "node", "server", "kind", "mode", "cpu",
+                "label_replace", "job", "instance", "node", "server", "kind", "mode", "cpu", "result",
                 "count", "server_kind", "backend"}
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
@@ -55,7 +55,31 @@ def load_generator() -> ModuleType:
 
 
 def all_rules(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for g in doc["groups"] for r in g["rules"]]
+    """The alerting rules (recording rules: `records`)."""
+    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+
+
+def records(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for g in doc["groups"] for r in g["rules"] if "record" in r]
+
+
+def test_fleet_recording_rules_use_contract_metrics_or_earlier_records_and_select_the_job() -> None:
+    """Issue 17: one self-contained group; each rule reads exporter metrics or a record defined before it in the
+    group (rules of a group are evaluated in order), selects the job, and is named level:metric:operations."""
+    doc = yaml.safe_load(RULES.read_text())
+    groups = [g for g in doc["groups"] if any("record" in r for r in g["rules"])]
+    assert [g["name"] for g in groups] == ["conntrack-dns-exporter.fleet"]
+    defined: set[str] = set()
+    for r in records(doc):
+        assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", r["record"]), r["record"]
+        no_strings = re.sub(r"\[[0-9a-z]+\]", "", re.sub(r'"[^"]*"', '""', r["expr"]))
+        names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", no_strings)) - PROMQL_WORDS
+        assert names <= CONTRACT_METRICS | defined, f"{r['record']}: unknown names {names - CONTRACT_METRICS - defined}"
+        for metric, sel in re.findall(r"([a-z_:]+)\{([^}]*)\}", r["expr"]):
+            assert 'job="conntrack-dns-exporter"' in sel, f"{r['record']}: {metric} without the job selector"
+        defined.add(r["record"])
+    levels = {r["record"].split(":")[0] for r in records(doc)}
+    assert {"node", "server"} <= levels  # per node across endpoints, per endpoint across nodes
 
 
 def test_generated_files_match_the_source() -> None:
@@ -91,7 +115,8 @@ def test_promtool_accepts_both_rule_files(tmp_path: Path) -> None:
     r = subprocess.run(["promtool", "check", "rules", str(RULES), str(spec_only)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count(f"SUCCESS: {len(EXPECTED_ALERTS)} rules found") == 2, r.stdout
+    n_records = len(records(yaml.safe_load(RULES.read_text())))
+    assert r.stdout.count(f"SUCCESS: {len(EXPECTED_ALERTS) + n_records} rules found") == 2, r.stdout
 
 
 @needs_promtool
@@ -214,10 +239,10 @@ def test_accelerated_copy_scales_every_window_and_for_and_stays_valid(tmp_path: 
     for g_fast, g in zip(fast, shipped, strict=True):
         assert g_fast["name"] == "fast." + g["name"]
         for r_fast, r in zip(g_fast["rules"], g["rules"], strict=True):
-            assert r_fast["alert"] == r["alert"]
-            assert r_fast["labels"] == {**r["labels"], "ruleset": "accelerated"}
+            assert (r_fast.get("alert"), r_fast.get("record")) == (r.get("alert"), r.get("record"))
+            assert r_fast["labels"] == {**r.get("labels", {}), "ruleset": "accelerated"}
             windows = re.findall(r"\[(\d+)m\]", r["expr"])
-            assert re.findall(r"\[(\d+)s\]", r_fast["expr"]) == windows, r["alert"]  # 5m -> 5s
+            assert re.findall(r"\[(\d+)s\]", r_fast["expr"]) == windows, r.get("alert", r.get("record"))
             if "for" in r:
                 assert r_fast["for"] == r["for"].replace("m", "s")
     f = tmp_path / "fast.yaml"

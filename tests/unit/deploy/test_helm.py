@@ -118,7 +118,7 @@ def test_non_default_values_reach_every_object() -> None:
         assert o["metadata"]["labels"]["release"] == "kps", o["kind"]
     assert pm["spec"]["podMetricsEndpoints"][0]["interval"] == "30s"
     assert policy.rules_jobs(pr["spec"]) == {"node-dns"}
-    urls = [r["annotations"]["runbook_url"] for g in pr["spec"]["groups"] for r in g["rules"]]
+    urls = [r["annotations"]["runbook_url"] for g in pr["spec"]["groups"] for r in g["rules"] if "alert" in r]
     assert urls and all(u == f"https://wiki.example/runbooks/{u.rsplit('/', 1)[1]}" for u in urls)
     assert cm["metadata"]["namespace"] == "monitoring"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "Networking"}
@@ -132,8 +132,8 @@ def test_the_chart_substitutes_exactly_what_the_generator_writes() -> None:
     assert f'job=\\"{gen_alerts.DEFAULT_JOB}\\"' not in text
     assert gen_alerts.RUNBOOK_BASE_URL not in text
     shipped = yaml.safe_load(RULE_FILE.read_text())
-    assert [r["alert"] for g in pr["spec"]["groups"] for r in g["rules"]] == [
-        r["alert"] for g in shipped["groups"] for r in g["rules"]]
+    assert [r.get("alert", r.get("record")) for g in pr["spec"]["groups"] for r in g["rules"]] == [
+        r.get("alert", r.get("record")) for g in shipped["groups"] for r in g["rules"]]
     assert len(policy.rules_jobs(shipped)) == 1
 
 
