@@ -224,29 +224,32 @@ def _udp_socket(v6: bool, own: OwnPorts | None = None) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-        _register(sock, socket.IPPROTO_UDP, own)
+        register_own(sock, socket.IPPROTO_UDP, own)
     except OSError:
         sock.close()
         raise
     return sock
 
 
-def _register(sock: socket.socket, proto: int, own: OwnPorts | None) -> None:
+def register_own(sock: socket.socket, proto: int, own: OwnPorts | None) -> None:
     """Bind to an ephemeral port (as the first send would) and name it before any packet leaves, so the
     passive flow accounting knows this flow is the exporter's own (`exporter.discovery.ownports`)."""
     if own is not None:
-        sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+        try:
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError:
+            return  # the send fails too, or binds implicitly: then the flow is counted as a real client's
         own.register(proto, sock.getsockname()[1])
 
 
-async def _tcp_connect(host: str, port: int,
+async def tcp_connect(host: str, port: int,
                        own: OwnPorts | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if own is None:
         return await asyncio.open_connection(host, port)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        _register(sock, socket.IPPROTO_TCP, own)
+        register_own(sock, socket.IPPROTO_TCP, own)
         await asyncio.get_running_loop().sock_connect(sock, (host, port))
     except BaseException:
         sock.close()
@@ -354,7 +357,7 @@ async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, atte
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await _tcp_connect(host, port, own)
+                reader, writer = await tcp_connect(host, port, own)
                 writer.write(b"".join(struct.pack("!H", len(q.wire)) + q.wire for q in pending))
                 result.sent += len(pending)
                 await writer.drain()

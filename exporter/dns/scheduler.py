@@ -228,7 +228,7 @@ class ProbeService:
         timeout, attempts = (self._resolv_options if t.kind == RESOLVCONF
                              else (self.config.timeout, self.config.attempts))
         options = models.ResolverOptions(timeout=timeout, attempts=attempts,
-                                         rotate=self._rotate and t.kind == RESOLVCONF)
+                                         rotate=self._rotate and t.kind == RESOLVCONF, own=self.discovery.own_ports)
         state = None
         if models.model(resolver).sticky:
             state = self._glibc.setdefault((t.server, t.kind, resolver), models.GlibcState())

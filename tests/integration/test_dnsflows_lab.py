@@ -156,7 +156,8 @@ def test_backend_down_unanswered_flows_go_to_that_backend_and_the_pod(env: Env) 
     finally:
         lab.heal("backend-down")
     after = env.by_backend("conntrack_dns_unanswered_flows_total")
-    assert after.get(down, 0) - before.get(down, 0) == failed, (before, after)
+    rows = {k: v for k, v in env.samples().items() if k[0] == "conntrack_dns_unanswered_top_pods"}
+    assert after.get(down, 0) - before.get(down, 0) == failed, (before, after, rows, env.exporter.stderr()[-3000:])
     assert after.get(live, 0) == before.get(live, 0) == 0
     assert env.counter("conntrack_dns_unanswered_top_pods", namespace=POD[0], pod=POD[1]) - pod_before == failed
 
