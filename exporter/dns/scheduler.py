@@ -208,7 +208,8 @@ class ProbeService:
         default_timeout, default_attempts = (self._resolv_options if t.kind == RESOLVCONF
                                              else (self.config.timeout, self.config.attempts))
         async with sem:
-            r = await lookup(t.host, t.port, name, mode, timeout or default_timeout, attempts or default_attempts)
+            r = await lookup(t.host, t.port, name, mode, timeout or default_timeout, attempts or default_attempts,
+                             self.discovery.own_ports)
         log.debug("probe", extra={"kv": {
             "server": t.server, "kind": t.kind, "mode": mode, "name": name, "seconds": f"{r.duration:.6f}",
             "outcome": ",".join(f"{q}={o.reason or 'ok'}" for q, o in r.outcomes.items())}})
@@ -239,7 +240,7 @@ class ProbeService:
         timeout, attempts = (self._resolv_options if t.kind == RESOLVCONF
                              else (self.config.timeout, self.config.attempts))
         options = models.ResolverOptions(timeout=timeout, attempts=attempts,
-                                         rotate=self._rotate and t.kind == RESOLVCONF)
+                                         rotate=self._rotate and t.kind == RESOLVCONF, own=self.discovery.own_ports)
         state = None
         if models.model(resolver).sticky:
             state = self._glibc.setdefault((t.server, t.kind, resolver), models.GlibcState())

@@ -26,6 +26,7 @@ EXPECTED_ALERTS = {
     "ConntrackTableNearFull", "ConntrackTableFilling", "ConntrackInsertFailed", "ConntrackDroppingPackets",
     "DNSProbeFailures", "DNSServiceIPPathBroken", "DNSProbeSlow", "DNSParallelQueryRetries",
     "ConntrackClashResolving", "ConntrackDNSExporterDown", "ConntrackDNSExporterCollectorFailing",
+    "DNSBackendUnanswered",
 }
 # The metric contract of the exporter (issues 2, 4, 5): a typo in a rule would make the alert silently dead.
 CONTRACT_METRICS = {
@@ -34,10 +35,11 @@ CONTRACT_METRICS = {
     "dns_probe_failures_total", "dns_probe_retries_total", "dns_probe_partial_pairs_total",
     "dns_probe_duration_seconds_bucket", "conntrack_dns_exporter_collector_success",
     "conntrack_dns_exporter_kubernetes_up", "dns_probe_endpoint_queries_total",
+    "conntrack_dns_flows_total", "conntrack_dns_unanswered_flows_total",
 }
 PROMQL_WORDS = {"sum", "by", "without", "increase", "rate", "or", "and", "on", "histogram_quantile", "le",
                 "label_replace", "job", "instance", "node", "server", "kind", "mode", "cpu", "result",
-                "count"}
+                "count", "server_kind", "backend"}
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
                                     reason="promtool missing (Debian package prometheus; make deps installs it)")
