@@ -108,10 +108,15 @@ def pod_queries(lab: Lab, n: int) -> list[str]:
     return out
 
 
-def settle(env: Env) -> None:
+def settle(env: Env, flush: bool = False) -> None:
     """Wait until every DNS entry of the pod has expired and its DESTROY event has been counted (the
-    probes keep making entries of their own all the time)."""
+    probes keep making entries of their own all the time). `flush` first deletes every DNS entry earlier
+    tests of the session left in the node table (made before this module lowered the UDP timeout, or assured
+    ones living 120 s), so none of them expires into the counters after a baseline is taken."""
     lab = env.lab
+    if flush:
+        for proto in ("udp", "tcp"):
+            lab.node.exec(["conntrack", "-D", "-p", proto, "--orig-port-dst", "53"], check=False)
     wait_until("no DNS entry of the pod left in the node table",
                lambda: " dport=53 " not in lab.node.exec(["conntrack", "-L", "-s", lab.pod_ip]).stdout, 60,
                interval=0.5)
@@ -120,7 +125,7 @@ def settle(env: Env) -> None:
 
 def test_healthy_pod_lookups_are_counted_per_backend_and_all_answered(env: Env) -> None:
     lab = env.lab
-    settle(env)
+    settle(env, flush=True)
     flows0 = env.by_backend("conntrack_dns_flows_total")
     unanswered0 = env.by_backend("conntrack_dns_unanswered_flows_total")
     excluded0 = env.counter("conntrack_dns_excluded_flows_total")
@@ -132,7 +137,8 @@ def test_healthy_pod_lookups_are_counted_per_backend_and_all_answered(env: Env) 
     flows = env.by_backend("conntrack_dns_flows_total")
     assert set(flows) == backends, flows  # the DNAT spread, and nothing else behind the Service IP
     assert sum(flows.values()) - sum(flows0.values()) >= 20
-    assert env.by_backend("conntrack_dns_unanswered_flows_total") == unanswered0 == {}
+    # not one unanswered flow during the healthy lookups (earlier tests' leftovers may be in the baseline)
+    assert env.by_backend("conntrack_dns_unanswered_flows_total") == unanswered0
     # the probes ran all along (Service IP and both endpoints, every second) and were left out
     assert env.counter("conntrack_dns_excluded_flows_total") > excluded0 + 10
     assert env.by_backend("conntrack_dns_flows_total", kind="endpoint") == {}
@@ -144,7 +150,7 @@ def test_healthy_pod_lookups_are_counted_per_backend_and_all_answered(env: Env) 
 def test_backend_down_unanswered_flows_go_to_that_backend_and_the_pod(env: Env) -> None:
     lab = env.lab
     down, live = lab.backends[0].ip, lab.backends[1].ip
-    settle(env)
+    settle(env, flush=True)
     before = env.by_backend("conntrack_dns_unanswered_flows_total")
     pod_before = env.counter("conntrack_dns_unanswered_top_pods", namespace=POD[0], pod=POD[1])
     lab.fault("backend-down", 0)
@@ -164,7 +170,7 @@ def test_backend_down_unanswered_flows_go_to_that_backend_and_the_pod(env: Env) 
 
 def test_stale_endpoint_unanswered_flows_name_the_stale_address(env: Env) -> None:
     lab = env.lab
-    settle(env)
+    settle(env, flush=True)
     unanswered0 = env.by_backend("conntrack_dns_unanswered_flows_total")
     before = unanswered0.get(STALE_IP, 0)
     lab.fault("stale-endpoint")
