@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from exporter.sources.netlink import NetlinkStatsSource
+from exporter.conntrack.stats import NetlinkStatsSource
 from tests.support import ctfill
 from tests.support.exporter_proc import Exporter
 from tests.support.netns import Netns, in_netns, skip_reason

@@ -21,7 +21,7 @@ import time
 import dns.message
 import dns.query
 
-from exporter.probes.resolver import lookup
+from exporter.dns.resolver import lookup
 from tests.support.dnsserver import Behaviour, DnsServer
 from tests.support.exporter_proc import Exporter
 

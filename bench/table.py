@@ -2,7 +2,7 @@
 
 One run, in namespaces this benchmark creates and deletes:
 1. fill a namespace to 262,144 entries (`tests.support.ctfill`), scan it with
-   `exporter.sources.ctdump.Scanner` (the exporter's settings, pacing included)
+   `exporter.table.parse.Scanner` (the exporter's settings, pacing included)
    and list it with the C tool, `conntrack -L > /dev/null`, 5 rounds interleaved, medians: wall and CPU (user+sys, the
    kernel's dump work included on both sides), as ratios;
 2. pyroute2's `NFCTSocket().dump()` costs ~150 µs per entry (about 40 s for the full table), so it reads
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RSS_PROBE = r"""
 import sys
-from exporter.sources.ctdump import Scanner
+from exporter.table.scan import Scanner
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -74,7 +74,7 @@ def run(argv: list[str]) -> list[str]:
     reason = skip_reason()
     if reason:
         return [f"skipped: {reason}"]
-    from exporter.sources.ctdump import Scanner, open_netlink
+    from exporter.table.scan import Scanner, open_netlink
     from tests.support import ctfill
     from tests.support.netns import Netns, in_netns
 

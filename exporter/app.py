@@ -17,11 +17,15 @@ from prometheus_client import ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import __version__, logs, webconfig
-from exporter.collectors.base import Collector, CollectorError, ScrapeWrapper, Service
-from exporter.features import AppContext, all_features
-from exporter.notrack import Notrack, NotrackError
-from exporter.server import ExporterHTTPServer
+from exporter import __version__
+from exporter.core import logs
+from exporter.core.errors import ExporterError
+from exporter.core.feature import AppContext
+from exporter.core.scrape import Collector, ScrapeWrapper, Service
+from exporter.features import all_features
+from exporter.web import webconfig
+from exporter.web.notrack import Notrack, NotrackError
+from exporter.web.server import ExporterHTTPServer
 
 log = logs.get("main")
 
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             built = feature.build(args, ctx)
             collectors += built.collectors
             services += built.services
-    except CollectorError as e:
+    except ExporterError as e:
         sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
         return 2
     registry = build_registry(collectors)

@@ -1,6 +1,7 @@
 """Command line: Go-exporter-style flags, each with a CONNTRACK_DNS_EXPORTER_* environment twin.
 
 Bad input (unknown flag, bad value, unusable listen address) exits 2 with one line on stderr.
+Subcommands: `record` (a fixture of this namespace's conntrack statistics and table; `record --help`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import argparse
 import sys
 from typing import NoReturn
 
-from exporter import __version__, logs
-from exporter.config import add_flag, parse_duration, parse_hostport, positive_int
+from exporter import __version__
+from exporter.core import logs
+from exporter.core.flags import add_flag, parse_duration, parse_hostport, positive_int
 from exporter.features import all_features
 
 DEFAULT_PORT = 19153
@@ -29,6 +31,7 @@ def listen_address(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
+                epilog="Subcommands: record (capture a replayable fixture of this namespace; record --help).",
                 allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g = p.add_argument_group("web")
@@ -60,7 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+SUBCOMMANDS = {"record": "exporter.record"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return int(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
     args = parse_args(argv)
     from exporter.app import run
 

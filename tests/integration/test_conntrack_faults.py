@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.sources.netlink import NetlinkStatsSource
+from exporter.conntrack.stats import NetlinkStatsSource
 from tests.support.exporter_proc import Exporter, value
 from tests.support.netns import Netns, in_netns
 

@@ -14,13 +14,19 @@ from typing import Any
 
 import pytest
 
-from exporter.features import AppContext
-from exporter.probes.targets import Target
-from exporter.sources import kube
+from exporter.core.feature import AppContext
+from exporter.discovery.targets import Target
+from exporter.kubernetes import client, config, dns_targets
+from exporter.kubernetes import watcher as kube
 from tests.support.fakeapi import Endpoint, FakeAPI, endpoint_slice, pod, service
 from tests.support.wait import wait_until
 
 NS, SVC, NODE = "kube-system", "kube-dns", "node-1"
+
+
+def up(w: kube.KubeWatcher) -> bool:
+    """What kubernetes_up exports: every resource listed and streaming."""
+    return all(st.synced for st in w.state.snapshot().values())
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
@@ -38,9 +44,9 @@ def api() -> Iterator[FakeAPI]:
 
 @pytest.fixture
 def watcher(api: FakeAPI, tmp_path: Any) -> Iterator[tuple[kube.KubeWatcher, AppContext]]:
-    cfg = kube.load_configuration(api.write_kubeconfig(str(tmp_path / "kubeconfig")), in_cluster=False)
+    cfg = config.load_configuration(api.write_kubeconfig(str(tmp_path / "kubeconfig")), in_cluster=False)
     ctx = AppContext()
-    w = kube.KubeWatcher(cfg, NS, SVC, NODE, ctx.targets, ctx.pods, kube.Timeouts(max_backoff=0.5))
+    w = kube.KubeWatcher(cfg, NS, SVC, NODE, ctx.discovery, client.Timeouts(max_backoff=0.5))
     try:
         yield w, ctx
     finally:
@@ -87,7 +93,7 @@ def test_recreated_service_new_cluster_ip(api: FakeAPI, watcher: tuple[kube.Kube
     api.put(endpoint_slice(NS, SVC, "kube-dns-y", [Endpoint("10.244.0.4", "coredns-b")],
                            owner_uid=svc2["metadata"]["uid"]))
     want = (Target("10.244.0.4", 53, "endpoint", "coredns-b"), Target("10.96.0.53", 53, "service"))
-    wait_for(lambda: ctx.targets.origin(kube.ORIGIN) == want, what="the new Service IP and endpoint")
+    wait_for(lambda: ctx.targets.origin(dns_targets.ORIGIN) == want, what="the new Service IP and endpoint")
     assert len(api.calls("services", "get")) == gets + 1, "one GET per Service re-creation, no polling"
     assert len(api.calls("endpointslices", "list")) == 1
 
@@ -96,7 +102,7 @@ def test_stop_ends_every_thread_within_a_second(api: FakeAPI, watcher: tuple[kub
     w, _ = watcher
     api.put(service(NS, SVC, "10.96.0.10"))
     w.start()
-    wait_for(lambda: w.state.up and len(api.calls("pods", "watch")) == 1
+    wait_for(lambda: up(w) and len(api.calls("pods", "watch")) == 1
              and len(api.calls("endpointslices", "watch")) == 1, what="both watches open")
     time.sleep(0.2)  # both threads now blocked reading their watch streams
     t0 = time.monotonic()
@@ -110,8 +116,8 @@ def test_stop_while_retrying_an_unreachable_api(api: FakeAPI, watcher: tuple[kub
     api.stop()
     w.start()
     wait_for(lambda: w.state.snapshot()["endpointslices"].restarts >= 2, what="retries")
-    assert not w.state.up
-    assert ctx.targets.origin(kube.ORIGIN) == (), "no targets invented while the API was never reached"
+    assert not up(w)
+    assert ctx.targets.origin(dns_targets.ORIGIN) == (), "no targets invented while the API was never reached"
     t0 = time.monotonic()
     w.stop(1.0)
     assert time.monotonic() - t0 < 1.0 and w.alive() == []
@@ -123,22 +129,22 @@ def test_paged_list_and_missing_service(api: FakeAPI, tmp_path: Any) -> None:
     for i in range(5):
         api.put(pod("default", f"web-{i}", NODE, f"10.244.1.{10 + i}"))
     api.put(endpoint_slice(NS, SVC, "kube-dns-x", [Endpoint("10.244.0.3", "coredns-a")], owner_uid="old-uid"))
-    cfg = kube.load_configuration(api.write_kubeconfig(str(tmp_path / "kubeconfig")), in_cluster=False)
+    cfg = config.load_configuration(api.write_kubeconfig(str(tmp_path / "kubeconfig")), in_cluster=False)
     ctx = AppContext()
-    w = kube.KubeWatcher(cfg, NS, SVC, NODE, ctx.targets, ctx.pods, kube.Timeouts(max_backoff=0.5, page_size=2))
+    w = kube.KubeWatcher(cfg, NS, SVC, NODE, ctx.discovery, client.Timeouts(max_backoff=0.5, page_size=2))
     try:
         w.start()
         wait_for(lambda: len(ctx.pods) == 5, what="all pages of pods")
         assert [r.query.get("limit") for r in api.calls("pods", "list")] == ["2", "2", "2"]
-        wait_for(lambda: ctx.targets.origin(kube.ORIGIN) == (Target("10.244.0.3", 53, "endpoint", "coredns-a"),),
+        wait_for(lambda: ctx.targets.origin(dns_targets.ORIGIN) == (Target("10.244.0.3", 53, "endpoint", "coredns-a"),),
                  what="endpoints probed without the Service")
         snap = w.state.snapshot()
-        assert not w.state.up and snap["services"].objects == 0 and snap["services"].error == "not found"
+        assert not up(w) and snap["services"].objects == 0 and snap["services"].error == "not found"
         svc = api.put(service(NS, SVC, "10.96.0.10"))
         api.put(endpoint_slice(NS, SVC, "kube-dns-x", [Endpoint("10.244.0.3", "coredns-a")],
                                owner_uid=svc["metadata"]["uid"]))
         wait_for(lambda: Target("10.96.0.10", 53, "service") in ctx.targets.snapshot(), what="Service found")
-        wait_for(lambda: w.state.up, what="kubernetes up")
+        wait_for(lambda: up(w), what="kubernetes up")
     finally:
         w.stop(1.0)
 

@@ -26,10 +26,12 @@ from typing import Any
 
 import pytest
 
-from exporter.collectors.table import TableScanService
-from exporter.probes.targets import Target, TargetRegistry
-from exporter.sources.ctdump import Scanner, ScanResult, ip_key, open_netlink
-from exporter.sources.podindex import PodIndex
+from exporter.discovery import Discovery
+from exporter.discovery.pods import PodIndex
+from exporter.discovery.targets import Target, TargetRegistry
+from exporter.table.parse import ip_key
+from exporter.table.scan import Scanner, ScanResult, open_netlink
+from exporter.table.service import TableScanService
 from tests.support import ctfill
 from tests.support.exporter_proc import Exporter, parse, value
 from tests.support.netns import Netns, in_netns, skip_reason
@@ -266,7 +268,7 @@ def test_top_sources_name_pods_from_the_pod_map(scene: Scene) -> None:
                   ("198.18.0.3", "dns", "coredns-1"), ("127.0.0.1", "default", "web-0"),
                   ("::1", "default", "web-0"), ("10.1.2.3", "idle", "nothing")])
     snaps = []
-    svc = TableScanService(scanner_in(ns), top_n=2, pods=pods, on_scan=snaps.append)
+    svc = TableScanService(scanner_in(ns), top_n=2, discovery=Discovery(pods=pods), on_scan=snaps.append)
     snap = svc.scan_once()
     lines = conntrack_list(ns)
     assert snap is not None and not snap.partial and snap.entries == len(lines)
@@ -322,7 +324,7 @@ def test_stale_dns_entries_after_a_rollout(netns: Netns) -> None:
                  "dnat to 10.244.0.6"])
         query(2)
         targets.set("endpoint", [Target("10.96.0.10", kind="service"), Target("10.244.0.6", kind="endpoint")])
-        svc = TableScanService(scanner, targets=targets)
+        svc = TableScanService(scanner, discovery=Discovery(targets))
         snap = svc.scan_once()
         lines = conntrack_list(ns)
         assert snap is not None and not snap.partial

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from exporter.server import ExporterHTTPServer
+from exporter.web.server import ExporterHTTPServer
 from tests.support.sockets import closed_within
 
 

@@ -16,8 +16,8 @@ import ipaddress
 import socket
 import struct
 
-from exporter.sources.netlink import (
-    IPCTNL_MSG_CT_GET_STATS,
+from exporter.conntrack.stats import IPCTNL_MSG_CT_GET_STATS, parse_stats_global
+from exporter.netlink import (
     NETLINK_NETFILTER,
     NFGENMSG,
     NFNL_SUBSYS_CTNETLINK,
@@ -26,7 +26,6 @@ from exporter.sources.netlink import (
     NLMSGHDR,
     build_request,
     iter_messages,
-    parse_stats_global,
 )
 from tests.support.netns import in_netns
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import dns.message
 import dns.rdatatype
 
-from exporter.sources.netlink import NetlinkStatsSource
+from exporter.conntrack.stats import NetlinkStatsSource
 from tests.support.netns import Netns, in_netns, run
 
 

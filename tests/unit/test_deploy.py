@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from exporter.cli import DEFAULT_PORT, parse_args
-from exporter.sources.kube import RBAC_RULES
+from exporter.kubernetes.client import RBAC_RULES
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path(sys.executable).parent / "kubectl"

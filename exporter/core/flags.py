@@ -1,0 +1,186 @@
+"""Flag helpers shared by every feature: Go-exporter style names, environment twins, value parsers.
+
+Every flag `--a.b-c` has the environment twin `CONNTRACK_DNS_EXPORTER_A_B_C`. A command-line value wins
+over the environment, the environment over the default. Values are validated while parsing, so a bad
+value exits 2 with one line before anything starts (blackbox_exporter validates at load, never at
+probe time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+ENV_PREFIX = "CONNTRACK_DNS_EXPORTER_"
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def env_name(flag: str) -> str:
+    """`--web.listen-address` -> `CONNTRACK_DNS_EXPORTER_WEB_LISTEN_ADDRESS`."""
+    return ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", flag.lstrip("-")).upper()
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go-style duration (`5s`, `500ms`, `1m30s`) or a bare number of seconds; > 0 only."""
+    s = text.strip()
+    try:
+        value = float(s)
+    except ValueError:
+        pos, value = 0, 0.0
+        for m in _DURATION_RE.finditer(s):
+            if m.start() != pos:
+                break
+            value += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            pos = m.end()
+        if pos != len(s) or not s:
+            raise argparse.ArgumentTypeError(f"invalid duration {text!r} (want e.g. 5s, 500ms, 1m)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (want true or false)")
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host:port`, `[v6]:port`, `:port`, or (with a default port) a bare host/IP."""
+    s = text.strip()
+    host: str
+    port_s: str | None
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise argparse.ArgumentTypeError(f"invalid address {text!r}: missing ']'")
+        host, rest = s[1:end], s[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise argparse.ArgumentTypeError(f"invalid address {text!r}")
+        port_s = rest[1:] if rest else None
+    elif s.count(":") == 1:
+        host, port_s = s.split(":")
+    elif s.count(":") > 1:  # bare IPv6
+        host, port_s = s, None
+    else:
+        host, port_s = s, None
+    if port_s is None:
+        if default_port is None:
+            raise argparse.ArgumentTypeError(f"invalid address {text!r}: want host:port")
+        port = default_port
+    else:
+        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+            raise argparse.ArgumentTypeError(f"invalid port in {text!r}")
+        port = int(port_s)
+    if host and not _valid_host(host):
+        raise argparse.ArgumentTypeError(f"invalid host in {text!r}")
+    return host, port
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", host))
+
+
+def add_flag(
+    parser: argparse.ArgumentParser | Any,
+    flag: str,
+    *,
+    default: Any = None,
+    type: Callable[[str], Any] | None = None,
+    help: str,
+    action: str | type[argparse.Action] | None = None,
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+) -> None:
+    """Add a flag whose default comes from its environment twin when that is set.
+
+    `action="append"` flags are plain lists on `args` (given values, else the environment twin's
+    comma-separated list, else the default); boolean flags use
+    `argparse.BooleanOptionalAction` (`--x` / `--no-x`) and read true/false.
+    """
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    kwargs: dict[str, Any] = {"help": f"{help} [env {env}]"}
+    if action == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+        value: Any = default
+        if raw is not None:
+            try:
+                value = parse_bool(raw)
+            except argparse.ArgumentTypeError as e:
+                _fail(f"{env}: {e}")
+        kwargs["default"] = value
+    elif action == "append":
+        kwargs["action"] = _Append
+        kwargs["type"] = type
+        value = list(default or [])
+        if raw:
+            items = [p.strip() for p in raw.split(",") if p.strip()]
+            try:
+                value = [type(p) if type else p for p in items]
+            except argparse.ArgumentTypeError as e:
+                _fail(f"{env}: {e}")
+        kwargs["default"] = value
+    else:
+        if action is not None:
+            kwargs["action"] = action
+        if type is not None:
+            kwargs["type"] = type
+        value = default
+        if raw is not None:
+            try:
+                value = type(raw) if type else raw
+            except argparse.ArgumentTypeError as e:
+                _fail(f"{env}: {e}")
+            if choices is not None and value not in choices:
+                _fail(f"{env}: invalid choice {raw!r} (choose from {', '.join(choices)})")
+        kwargs["default"] = value
+    if choices is not None:
+        kwargs["choices"] = choices
+    if metavar is not None:
+        kwargs["metavar"] = metavar
+    parser.add_argument(flag, dest=_dest(flag), **kwargs)
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"conntrack-dns-exporter: error: {message}\n")
+    raise SystemExit(2)
+
+
+def _dest(flag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", flag.lstrip("-"))
+
+
+class _Append(argparse.Action):
+    """A repeatable flag whose first use replaces the default (or the environment twin's list)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        items.append(values)
+        setattr(namespace, self.dest, items)

@@ -1,0 +1,114 @@
+"""The scrape wrapper every collector runs under, and the Collector/Service interfaces.
+
+Emits, for each collector (node_exporter's scrape wrapper is the model):
+- `conntrack_dns_exporter_collector_duration_seconds{collector}` (gauge): time its last collect took;
+- `conntrack_dns_exporter_collector_success{collector}` (gauge): 1 if it collected without error;
+- `conntrack_dns_exporter_collector_errors_total{collector,reason}` (counter): failed collections by
+  bounded reason (`permission`, `unavailable`, `timeout`, `parse`, `internal`, ...).
+One failing collector never fails the scrape: what it yielded before failing is still served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector as _PromCollector
+
+from exporter.core import logs
+from exporter.core.errors import ExporterError
+
+PREFIX = "conntrack_dns_exporter"
+
+
+class Collector(Protocol):
+    """A named source of metric families, called at scrape time (possibly concurrently)."""
+
+    name: str
+
+    def collect(self) -> Iterable[Metric]: ...
+
+
+class Service(Protocol):
+    """A background worker (probe scheduler, table scanner, Kubernetes watches)."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
+class ScrapeWrapper(_PromCollector):
+    """Runs every collector at scrape time, times it, and turns its failures into metrics and logs."""
+
+    def __init__(self, collectors: Sequence[Collector]) -> None:
+        self._collectors = list(collectors)
+        self._errors: dict[tuple[str, str], int] = {}
+        self._failing: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._log = logs.get("scrape")
+
+    def describe(self) -> Iterable[Metric]:
+        # Registration must never touch the kernel: describe nothing, so the registry does not call
+        # collect() at register time.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        duration = GaugeMetricFamily(
+            f"{PREFIX}_collector_duration_seconds",
+            "Time the collector's last collection took, in seconds.",
+            labels=["collector"],
+        )
+        success = GaugeMetricFamily(
+            f"{PREFIX}_collector_success",
+            "1 if the collector's last collection succeeded, 0 if it failed.",
+            labels=["collector"],
+        )
+        for c in self._collectors:
+            start = time.perf_counter()
+            ok = True
+            families: list[Metric] = []
+            try:
+                for fam in c.collect():
+                    families.append(fam)
+            except Exception as e:  # the collector boundary: nothing escapes into the HTTP response
+                ok = False
+                self._record_failure(c.name, e)
+            else:
+                self._record_success(c.name)
+            duration.add_metric([c.name], time.perf_counter() - start)
+            success.add_metric([c.name], 1.0 if ok else 0.0)
+            yield from families
+        yield duration
+        yield success
+        errors = CounterMetricFamily(
+            f"{PREFIX}_collector_errors",
+            "Failed collections, by collector and reason.",
+            labels=["collector", "reason"],
+        )
+        with self._lock:
+            for (name, reason), n in sorted(self._errors.items()):
+                errors.add_metric([name, reason], n)
+        yield errors
+
+    def _record_failure(self, name: str, exc: BaseException) -> None:
+        reason = exc.reason if isinstance(exc, ExporterError) else "internal"
+        message = str(exc) if isinstance(exc, ExporterError) else f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._errors[(name, reason)] = self._errors.get((name, reason), 0) + 1
+            changed = self._failing.get(name) != message
+            self._failing[name] = message
+        level = logging.WARNING if changed else logging.DEBUG
+        self._log.log(level, "collector failed: %s", message, extra={"kv": {"collector": name, "reason": reason}},
+                      exc_info=not isinstance(exc, ExporterError))
+
+    def _record_success(self, name: str) -> None:
+        with self._lock:
+            was_failing = self._failing.pop(name, None)
+        if was_failing is not None:
+            self._log.warning("collector recovered", extra={"kv": {"collector": name}})

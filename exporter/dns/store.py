@@ -1,0 +1,132 @@
+"""Thread-safe accumulation of probe results, written by the probe loop and read at scrape time.
+
+Keyed by target (`server`, `kind`): `ensure()` creates a target's series, `retain()` forgets targets
+that left the target registry, and `record()` drops results for a target it does not know (removed while
+its lookup was in flight), so a removed target's series never come back. The collector renders the
+targets the registry lists now, so a removed target disappears from the very next scrape.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+
+from exporter.dns.resolver import QTYPES, ProbeResult
+
+# Sub-millisecond (a node-local cache) to tens of ms (a cluster DNS pod), 0.5 s (the slow-probe alert),
+# then the resolver plateaus:
+# an answer after one retransmission lands just above 5 s (le=7.5), after two or a total failure just
+# above 10 s (le=15). No bound sits exactly on 5 or 10: the plateaus are slightly above them.
+BUCKETS = (0.0005, 0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0)
+
+TargetKey = tuple[str, str]  # (server label, kind)
+
+
+@dataclass
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, n in zip((*(str(b) for b in BUCKETS), "+Inf"), self.counts, strict=True):
+            acc += n
+            out.append((bound, float(acc)))
+        return out
+
+
+@dataclass
+class TargetStats:
+    histograms: dict[str, Histogram] = field(default_factory=dict)              # mode
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)          # (mode, qtype)
+    retries: dict[tuple[str, str], int] = field(default_factory=dict)           # (mode, qtype)
+    failures: dict[tuple[str, str, str], int] = field(default_factory=dict)     # (mode, qtype, reason)
+    partial: dict[str, int] = field(default_factory=dict)                       # lost qtype (parallel only)
+
+
+@dataclass
+class SearchStats:
+    queries: int
+    duration: float
+
+
+class ProbeStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._targets: dict[TargetKey, TargetStats] = {}
+        self._present: dict[str, bool] = {}        # nodelocal server -> answering
+        self._search: dict[str, SearchStats] = {}  # search-probe name -> last walk
+
+    def ensure(self, key: TargetKey, modes: tuple[str, ...]) -> None:
+        """Create a target's series at zero, so rate() works from its first failure."""
+        with self._lock:
+            if key in self._targets:
+                return
+            st = TargetStats()
+            for mode in modes:
+                st.histograms[mode] = Histogram()
+                for qt in QTYPES:
+                    st.requests[(mode, qt)] = 0
+                    st.retries[(mode, qt)] = 0
+                if mode == "parallel":
+                    for qt in QTYPES:
+                        st.partial[qt] = 0
+            self._targets[key] = st
+
+    def record(self, key: TargetKey, result: ProbeResult) -> None:
+        mode = result.mode
+        with self._lock:
+            st = self._targets.get(key)
+            if st is None:
+                return
+            st.histograms.setdefault(mode, Histogram()).observe(result.duration)
+            for qt, out in result.outcomes.items():
+                st.requests[(mode, qt)] = st.requests.get((mode, qt), 0) + 1
+                if out.reason is not None:
+                    k = (mode, qt, out.reason)
+                    st.failures[k] = st.failures.get(k, 0) + 1
+                st.retries.setdefault((mode, qt), 0)
+            for qt in result.retried:
+                st.retries[(mode, qt)] += 1
+            for qt, n in result.mismatches.items():
+                k = (mode, qt, "mismatch")
+                st.failures[k] = st.failures.get(k, 0) + n
+            if mode == "parallel" and result.partial_lost is not None:
+                st.partial[result.partial_lost] = st.partial.get(result.partial_lost, 0) + 1
+
+    def set_present(self, server: str, present: bool) -> bool:
+        """Record whether a nodelocal server answers; returns True when that changed."""
+        with self._lock:
+            changed = self._present.get(server) != present
+            self._present[server] = present
+            return changed
+
+    def record_search(self, name: str, queries: int, duration: float) -> None:
+        with self._lock:
+            self._search[name] = SearchStats(queries, duration)
+
+    def retain(self, keys: set[TargetKey]) -> None:
+        """Forget every target not in `keys`."""
+        with self._lock:
+            for k in [k for k in self._targets if k not in keys]:
+                del self._targets[k]
+            live_servers = {server for server, kind in keys if kind == "nodelocal"}
+            for s in [s for s in self._present if s not in live_servers]:
+                del self._present[s]
+
+    def snapshot(self) -> tuple[dict[TargetKey, TargetStats], dict[str, bool], dict[str, SearchStats]]:
+        """Deep-enough copies for the collector to read without the lock."""
+        with self._lock:
+            targets = {
+                k: TargetStats(
+                    {m: Histogram(list(h.counts), h.total) for m, h in st.histograms.items()},
+                    dict(st.requests), dict(st.retries), dict(st.failures), dict(st.partial),
+                )
+                for k, st in self._targets.items()
+            }
+            return targets, dict(self._present), dict(self._search)

@@ -1,0 +1,384 @@
+"""The HTTP side: `/metrics`, `/-/healthy`, `/-/ready` and a landing page at `/`.
+
+prometheus_client's own server speaks HTTP/1.0 and closes the connection after every scrape. When the
+node's conntrack table is full, a new TCP connection to the exporter cannot be tracked and the scrape
+fails exactly when it matters. So this server speaks HTTP/1.1 with keep-alive: Prometheus reuses its
+connection, whose conntrack entry already exists (`--web.notrack` covers new connections too).
+
+Every connection is served on its own thread, so a slow or silent client never delays other scrapes, and
+collection never waits for a probe (probes run in the background and only publish results). Threads are
+bounded: at `--web.max-connections` open connections a new one is closed at once (logged, counted). A
+connection must send its first request within `--web.read-timeout`, and an idle keep-alive connection is
+closed after `--web.idle-timeout` (longer than any scrape interval, so Prometheus's connection survives).
+TLS handshakes happen on the connection's thread, never in the accept loop. With `--web.config.file`
+(TLS, basic auth; see exporter/webconfig.py) every path needs credentials except `/`, `/-/healthy` and
+`/-/ready`, which kubelet probes must reach without them.
+
+Metrics: `conntrack_dns_exporter_web_connections` (gauge, open connections),
+`conntrack_dns_exporter_web_connections_rejected_total` (over the limit),
+`conntrack_dns_exporter_web_tls_handshake_errors_total`, `conntrack_dns_exporter_web_auth_failures_total`,
+`conntrack_dns_exporter_web_scrapes_total`, `conntrack_dns_exporter_web_scrapes_shared_total` (scrapes that
+arrived while another rendered the registry and shared its result).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import gzip
+import html
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
+
+from exporter import __version__
+from exporter.core import logs
+from exporter.web.webconfig import WebConfig, WebConfigError
+
+log = logs.get("web")
+
+PUBLIC_PATHS = frozenset({"/", "/-/healthy", "/-/ready"})
+REJECT_LOG_INTERVAL = 10.0
+
+
+class _Conn:
+    """One accepted connection; `sock` becomes the TLS socket after the handshake."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+class _Flight:
+    __slots__ = ("body", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.body = b""
+        self.error: BaseException | None = None
+
+
+class Exposition:
+    """Renders the registry; scrapes that arrive while a rendering of the same format is running share it.
+
+    Rendering is CPU work under the GIL, so N simultaneous scrapes rendering N times would each take N
+    times longer; sharing keeps a scrape's latency near one rendering however many scrapers there are.
+    A shared result is at most one rendering old, which Prometheus cannot tell from network delay.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._inflight: dict[str, _Flight] = {}
+        self.renders = 0
+        self.shared = 0
+
+    def counts(self) -> tuple[int, int]:
+        """(renderings done, requests answered with another's rendering)."""
+        with self._lock:
+            return self.renders, self.shared
+
+    def render(self, key: str, encoder: Callable[[CollectorRegistry], bytes]) -> bytes:
+        with self._lock:
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._inflight[key] = _Flight()
+                self.renders += 1
+            else:
+                self.shared += 1
+        if leader:
+            try:
+                flight.body = encoder(self.registry)
+            except BaseException as e:
+                flight.error = e
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+                flight.done.set()
+        else:
+            flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.body
+
+
+class ExporterHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, *, keepalive: bool = True,
+                 idle_timeout: float = 300.0, read_timeout: float = 10.0, max_connections: int = 64,
+                 web_config: WebConfig | None = None) -> None:
+        self.registry = registry
+        self.exposition = Exposition(registry)
+        self.keepalive = keepalive
+        self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.web_config = web_config
+        self.ready = threading.Event()
+        self._conns: set[_Conn] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+        self.rejected = 0
+        self.tls_errors = 0
+        self.auth_failures = 0
+        self._rejected_logged = 0
+        self._last_reject_log = 0.0
+        self.address_family = socket.AF_INET6 if (":" in host or host == "") and socket.has_ipv6 else socket.AF_INET
+        bind_host = host or ("::" if self.address_family == socket.AF_INET6 else "0.0.0.0")
+        try:
+            super().__init__((bind_host, port), _Handler)
+        except OSError:
+            if host != "" or self.address_family != socket.AF_INET6:
+                raise
+            self.address_family = socket.AF_INET  # no IPv6 in this namespace: listen on IPv4 only
+            super().__init__(("0.0.0.0", port), _Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    # --- connection lifecycle ----------------------------------------------------------------------------
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Headers and body are two writes; without TCP_NODELAY, Nagle plus the client's delayed ACK can add
+        # 40 ms to a scrape.
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(request)
+        with self._lock:
+            full = self._closing or len(self._conns) >= self.max_connections
+            if not full:
+                self._conns.add(conn)
+        if full:
+            self._reject(request)
+            return
+        t = threading.Thread(target=self._serve_conn, args=(conn, client_address), name="web-conn", daemon=True)
+        try:
+            t.start()
+        except RuntimeError:  # cannot start a thread (resource limit): drop this connection, keep serving
+            with self._lock:
+                self._conns.discard(conn)
+            self._reject(request)
+
+    def _reject(self, request: socket.socket) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.rejected += 1
+            closing = self._closing
+            should_log = now - self._last_reject_log >= REJECT_LOG_INTERVAL
+            if should_log:
+                self._last_reject_log = now
+                n, self._rejected_logged = self.rejected - self._rejected_logged, self.rejected
+        if should_log and not closing:
+            log.warning("connection limit reached (%d open, --web.max-connections); closed %d new connection(s)",
+                        self.max_connections, n)
+        self.shutdown_request(request)
+
+    def _serve_conn(self, conn: _Conn, client_address: Any) -> None:
+        try:
+            tls = self.web_config is not None and self.web_config.tls is not None
+            if tls and not self._handshake(conn):
+                return
+            self.finish_request(conn.sock, client_address)
+        except Exception as e:  # one line, never a traceback on stderr or in a response
+            log.debug("connection from %s failed: %s: %s", client_address, type(e).__name__, e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            self.shutdown_request(conn.sock)
+
+    def _handshake(self, conn: _Conn) -> bool:
+        assert self.web_config is not None
+        try:
+            ctx = self.web_config.ssl_context()
+        except WebConfigError as e:
+            log.error("%s", e)
+            return False
+        assert ctx is not None
+        raw = conn.sock
+        raw.settimeout(self.read_timeout)
+        try:
+            tls_sock = ctx.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            with self._lock:
+                self.tls_errors += 1
+            log.debug("TLS handshake failed: %s", e)
+            return False
+        conn.sock = tls_sock
+        return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("error serving %s", client_address)
+
+    def shutdown(self) -> None:
+        """Stop accepting, then close every open connection so their threads end now."""
+        with self._lock:
+            self._closing = True
+            conns = list(self._conns)
+        super().shutdown()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(c.sock, socket.SHUT_RDWR)
+
+    # --- metrics about the web server itself -------------------------------------------------------------
+    def count_auth_failure(self) -> None:
+        with self._lock:
+            self.auth_failures += 1
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            open_, rejected, tls_errors, auth = len(self._conns), self.rejected, self.tls_errors, self.auth_failures
+        g = GaugeMetricFamily("conntrack_dns_exporter_web_connections", "Open HTTP connections to the exporter.")
+        g.add_metric([], open_)
+        lim = GaugeMetricFamily("conntrack_dns_exporter_web_connections_limit",
+                                "Open connections above which new ones are closed (--web.max-connections).")
+        lim.add_metric([], self.max_connections)
+        r = CounterMetricFamily("conntrack_dns_exporter_web_connections_rejected",
+                                "New connections closed because --web.max-connections were open.")
+        r.add_metric([], rejected)
+        t = CounterMetricFamily("conntrack_dns_exporter_web_tls_handshake_errors",
+                                "TLS handshakes that failed (no or bad client certificate, plain HTTP, timeout).")
+        t.add_metric([], tls_errors)
+        a = CounterMetricFamily("conntrack_dns_exporter_web_auth_failures",
+                                "Requests refused with 401: missing or wrong basic-auth credentials.")
+        a.add_metric([], auth)
+        renders, shared = self.exposition.counts()
+        sc = CounterMetricFamily("conntrack_dns_exporter_web_scrapes",
+                                 "Metrics requests answered (with status 200 or 500).")
+        sc.add_metric([], renders + shared)
+        sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
+                                 "Metrics requests answered with a rendering another simultaneous request started.")
+        sh.add_metric([], shared)
+        return [g, lim, r, t, a, sc, sh]
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ExporterHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"conntrack-dns-exporter/{__version__}"
+    sys_version = ""
+
+    def setup(self) -> None:
+        # A fresh connection must send its request within the read timeout (a client that connects and
+        # sends nothing frees its slot quickly); between keep-alive requests the idle timeout applies.
+        self.request.settimeout(self.server.read_timeout)
+        super().setup()
+        if not self.server.keepalive:
+            self.protocol_version = "HTTP/1.0"
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        with contextlib.suppress(OSError):
+            self.request.settimeout(self.server.idle_timeout)
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path not in PUBLIC_PATHS and not self._authorized():
+            return
+        if path == "/metrics":
+            self._metrics()
+        elif path == "/-/healthy":
+            self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
+        elif path == "/-/ready":
+            if self.server.ready.is_set():
+                self._send(200, b"Ready\n", "text/plain; charset=utf-8")
+            else:
+                self._send(503, b"Not ready\n", "text/plain; charset=utf-8")
+        elif path == "/":
+            self._send(200, self._landing(), "text/html; charset=utf-8")
+        else:
+            self._send(404, b"Not found\n", "text/plain; charset=utf-8")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def _authorized(self) -> bool:
+        cfg = self.server.web_config
+        if cfg is None or not cfg.auth_required:
+            return True
+        header = self.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                user, sep, password = "", "", ""
+            if sep and cfg.check_password(user, password):
+                return True
+        self.server.count_auth_failure()
+        self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
+                   {"WWW-Authenticate": 'Basic realm="conntrack-dns-exporter", charset="UTF-8"'})
+        return False
+
+    def _metrics(self) -> None:
+        accept = self.headers.get("Accept", "")
+        try:
+            encoder, content_type = choose_encoder(accept)
+            body = self.server.exposition.render(content_type, encoder)
+        except Exception as e:  # never a traceback in a response (collectors are wrapped; this is a last resort)
+            log.error("exposition failed: %s: %s", type(e).__name__, e)
+            self._send(500, b"internal error while collecting metrics; see the exporter's log\n",
+                       "text/plain; charset=utf-8")
+            return
+        headers = {}
+        if "gzip" in self.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+        self._send(200, body, content_type, headers)
+
+    def _landing(self) -> bytes:
+        return (
+            "<!DOCTYPE html><html><head><title>conntrack-dns-exporter</title></head><body>"
+            f"<h1>conntrack-dns-exporter</h1><p>Version {html.escape(__version__)}</p>"
+            "<p>Conntrack table statistics and synthetic DNS probes of the node's DNS path.</p>"
+            '<ul><li><a href="metrics">Metrics</a></li><li><a href="-/healthy">Health</a></li>'
+            '<li><a href="-/ready">Readiness</a></li></ul>'
+            "</body></html>\n"
+        ).encode()
+
+    def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        cfg = self.server.web_config
+        for k, v in {**(cfg.headers if cfg is not None else {}), **(headers or {})}.items():
+            self.send_header(k, v)
+        if not self.server.keepalive:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(format % args)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        log.debug(format % args)

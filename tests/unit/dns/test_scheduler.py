@@ -1,0 +1,244 @@
+"""The probe loop (`ProbeService`) and the `dns` collector together, against in-process DNS servers:
+targets coming and going, the resolv.conf fallback, NodeLocal presence, the search-path walk, the
+cardinality budget, and the real exporter process serving the probe metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.discovery import Discovery
+from exporter.discovery.targets import Target, TargetRegistry
+from exporter.dns import resolvconf
+from exporter.dns.collector import DnsProbeCollector
+from exporter.dns.scheduler import ProbeConfig, ProbeService
+from exporter.dns.store import ProbeStore
+from tests.support.dnsserver import Behaviour, DnsServer
+
+FAST = {"timeout": 0.2, "attempts": 2, "interval": 0.15}
+
+
+class Loop:
+    def __init__(self, tmp_path: Path, **config: object) -> None:
+        self.targets = TargetRegistry()
+        self.store = ProbeStore()
+        conf = {**FAST, "resolv_conf": str(tmp_path / "resolv.conf"), **config}
+        self.service = ProbeService(ProbeConfig(**conf), Discovery(self.targets), self.store)  # type: ignore[arg-type]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DnsProbeCollector(self.store, self.targets))  # type: ignore[arg-type]
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        out = {}
+        for fam in self.registry.collect():
+            for s in fam.samples:
+                if s.name == name:
+                    out[tuple(sorted(s.labels.items()))] = s.value
+        return out
+
+    def get(self, metric: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(metric, labels)
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Iterator[Loop]:
+    lp = Loop(tmp_path)
+    yield lp
+    lp.service.stop(2.0)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[DnsServer]]:
+    with DnsServer() as a, DnsServer() as b:
+        yield [a, b]
+
+
+def requests(lp: Loop, server: str, kind: str = "static") -> float:
+    return lp.get("dns_probe_requests_total", server=server, kind=kind, mode="parallel", qtype="A") or 0.0
+
+
+def test_scrape_does_not_wait_for_a_slow_probe(loop: Loop, servers: list[DnsServer]) -> None:
+    servers[0].set(silent=True)
+    loop.targets.set("static", [Target(servers[0].host, servers[0].port, "static")])
+    loop.service.start()
+    time.sleep(0.1)
+    start = time.perf_counter()
+    loop.registry.get_sample_value("dns_probe_target_info", {})
+    assert time.perf_counter() - start < 0.15, "the probe in flight waits 0.4 s; the scrape must not"
+
+
+def test_removed_target_disappears_from_the_next_scrape(loop: Loop, servers: list[DnsServer]) -> None:
+    a, b = (Target(s.host, s.port, "endpoint", pod=f"dns-{i}") for i, s in enumerate(servers))
+    loop.targets.set("kubernetes", [a, b])
+    loop.service.start()
+    wait_for(lambda: requests(loop, a.server, "endpoint") >= 2 and requests(loop, b.server, "endpoint") >= 2)
+    loop.targets.set("kubernetes", [a])  # a rollout replaced endpoint b
+    assert all(("server", b.server) not in labels for name in ("dns_probe_requests_total", "dns_probe_target_info",
+                                                                "dns_probe_duration_seconds_count")
+               for labels in loop.samples(name))
+    assert requests(loop, a.server, "endpoint") >= 2
+    # ... and the probe loop stops probing it within one interval.
+    wait_for(lambda: loop.store.snapshot()[0].keys() == {(a.server, "endpoint")})
+    time.sleep(2 * FAST["interval"])  # a lookup already in flight may still finish
+    n = len(servers[1].logged())
+    time.sleep(3 * FAST["interval"])
+    assert len(servers[1].logged()) == n
+
+
+def test_added_target_is_probed_within_one_interval(loop: Loop, servers: list[DnsServer]) -> None:
+    a, b = (Target(s.host, s.port, "static") for s in servers)
+    loop.targets.set("static", [a])
+    loop.service.start()
+    wait_for(lambda: requests(loop, a.server) >= 1)
+    t0 = time.monotonic()
+    loop.targets.set("static", [a, b])
+    wait_for(lambda: requests(loop, b.server) >= 1)
+    assert time.monotonic() - t0 < 2 * FAST["interval"] + 1.0
+
+
+def test_concurrency_bound_is_respected(tmp_path: Path) -> None:
+    """Three targets, one parallel lookup each, one lookup at a time: the queries go out in three waves, one
+    answer delay (0.3 s) apart. Without the bound all three pairs leave at once (jitter is off)."""
+    servers = [DnsServer(Behaviour(delay=0.3)) for _ in range(3)]
+    for s in servers:
+        s.__enter__()
+    try:
+        lp = Loop(tmp_path, concurrency=1, modes=("parallel",), interval=30.0, jitter=0.0, timeout=2.0)
+        lp.targets.set("static", [Target(s.host, s.port, "static") for s in servers])
+        lp.service.start()
+        try:
+            wait_for(lambda: all(len(s.logged()) >= 2 for s in servers))
+        finally:
+            lp.service.stop(2.0)
+        sent = sorted(min(q.at for q in s.logged()) for s in servers)
+        assert sent[1] - sent[0] >= 0.25 and sent[2] - sent[1] >= 0.25, sent
+    finally:
+        for s in servers:
+            s.__exit__(None, None, None)
+
+
+def test_resolv_conf_is_the_fallback_only_while_nothing_else_is_configured(loop: Loop,
+                                                                            servers: list[DnsServer],
+                                                                            tmp_path: Path) -> None:
+    (tmp_path / "resolv.conf").write_text("search default.svc.cluster.local\nnameserver 127.0.0.1\n"
+                                          "options ndots:5\n")
+    loop.service.start()
+    wait_for(lambda: loop.get("dns_probe_target_info", server="127.0.0.1:53", kind="resolvconf", pod="") == 1)
+    # The Kubernetes feature starts providing targets: resolv.conf's nameserver is dropped.
+    k = Target(servers[0].host, servers[0].port, "service")
+    loop.targets.set("kubernetes", [k])
+    wait_for(lambda: loop.get("dns_probe_target_info", server="127.0.0.1:53", kind="resolvconf", pod="") is None)
+    wait_for(lambda: requests(loop, k.server, "service") >= 1)
+    # ... and comes back when they are gone.
+    loop.targets.set("kubernetes", [])
+    wait_for(lambda: loop.get("dns_probe_target_info", server="127.0.0.1:53", kind="resolvconf", pod="") == 1)
+
+
+def test_missing_resolv_conf_means_no_targets_not_a_crash(loop: Loop) -> None:
+    loop.service.start()
+    wait_for(lambda: loop.service.rounds >= 2)
+    assert loop.samples("dns_probe_target_info") == {}
+    assert loop.service._thread is not None and loop.service._thread.is_alive()
+
+
+def test_nodelocal_is_probed_only_while_it_answers(loop: Loop, servers: list[DnsServer]) -> None:
+    s = servers[0]
+    t = Target(s.host, s.port, "nodelocal")
+    loop.targets.set("nodelocal", [t])
+    loop.service.start()
+    wait_for(lambda: loop.get("dns_probe_nodelocal_present", server=t.server) == 1)
+    wait_for(lambda: requests(loop, t.server, "nodelocal") >= 1)
+    assert loop.get("dns_probe_target_info", server=t.server, kind="nodelocal", pod="") == 1
+    s.set(silent=True)  # NodeLocal DNSCache removed from the node
+    wait_for(lambda: loop.get("dns_probe_nodelocal_present", server=t.server) == 0, timeout=10)
+    assert loop.get("dns_probe_target_info", server=t.server, kind="nodelocal", pod="") is None
+    assert loop.get("dns_probe_failures_total", server=t.server, kind="nodelocal", mode="parallel", qtype="A",
+                    reason="timeout") in (None, 0.0, 1.0), "an absent cache is not a stream of failures"
+
+
+def test_search_walk_counts_the_ndots_amplification(tmp_path: Path) -> None:
+    # A pod's resolv.conf: ndots:5 and three search domains. `api.example.com` has two dots, so glibc
+    # tries every search domain first (NXDOMAIN each) and the name as is last: 4 names, 8 queries.
+    with DnsServer(Behaviour(names=("api.example.com.",))) as s:
+        (tmp_path / "resolv.conf").write_text(
+            "nameserver 127.0.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\n"
+            "options ndots:5\n")
+        lp = Loop(tmp_path, search_names=("api.example.com", "api.example.com."), search_port=s.port,
+                  interval=5.0)
+        lp.service.start()
+        try:
+            wait_for(lambda: len(lp.samples("dns_probe_search_queries")) == 2)
+        finally:
+            lp.service.stop(2.0)
+        assert lp.get("dns_probe_search_queries", name="api.example.com") == 8
+        assert lp.get("dns_probe_search_queries", name="api.example.com.") == 2
+        assert 0 < (lp.get("dns_probe_search_duration_seconds", name="api.example.com") or 0) < 1
+        asked = [q.qtype for q in s.logged()]
+        assert asked.count("A") == asked.count("AAAA") == 5
+
+
+def test_cardinality_budget_with_five_failing_targets(tmp_path: Path) -> None:
+    """Defaults (parallel,tcp; one name), 5 targets, every query timing out: at most 250 series."""
+    with DnsServer(Behaviour(silent=True)) as s:
+        lp = Loop(tmp_path, timeout=0.05, attempts=1, interval=0.1, jitter=0.0)
+        lp.targets.set("static", [Target(s.host, s.port + i, "static") for i in range(5)])
+        lp.service.start()
+        try:
+            wait_for(lambda: len(lp.samples("dns_probe_failures_total")) >= 5 * 4)
+        finally:
+            lp.service.stop(2.0)
+    total = sum(len(fam.samples) for fam in lp.registry.collect())
+    assert total <= 250, total
+
+
+# The real exporter process ----------------------------------------------------------------------------
+
+
+
+def walk(name: str, conf: resolvconf.ResolvConf, answers: dict[str, str]) -> list[str]:
+    async def ask(candidate: str) -> str:
+        return answers.get(candidate, "nxdomain")
+
+    return asyncio.run(resolvconf.search(name, conf, ask)).names
+
+
+def test_search_walk_order_matches_glibc_res_search() -> None:
+    conf = resolvconf.ResolvConf(search=["a.svc.", "svc"], ndots=2)
+    # Fewer dots than ndots: search list first, as-is last.
+    assert walk("web", conf, {}) == ["web.a.svc.", "web.svc.", "web."]
+    # Enough dots: as-is first; found there, nothing else.
+    assert walk("x.y.z", conf, {"x.y.z.": "ok"}) == ["x.y.z."]
+    # Enough dots but not found: then the search list, and no second as-is.
+    assert walk("x.y.z", conf, {}) == ["x.y.z.", "x.y.z.a.svc.", "x.y.z.svc."]
+    # Trailing dot: as is only.
+    assert walk("web.", conf, {}) == ["web."]
+    # SERVFAIL and NODATA move on; a timeout ends the search list but glibc still tries as is.
+    assert walk("web", conf, {"web.a.svc.": "servfail", "web.svc.": "ok"}) == ["web.a.svc.", "web.svc."]
+    assert walk("web", conf, {"web.a.svc.": "error"}) == ["web.a.svc.", "web."]
+    # The root in the search list replaces the final as-is query.
+    assert walk("web", resolvconf.ResolvConf(search=["."], ndots=1), {}) == ["web."]
+
+
+def test_resolvconf_parse_follows_glibc() -> None:
+    rc = resolvconf.parse("# comment\ndomain a.example\nsearch b.example c.example\nnameserver 10.0.0.1\n"
+                          "nameserver fe80::1%eth0\nnameserver bogus\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n"
+                          "options ndots:5 timeout:1 attempts:3 single-request-reopen\n")
+    assert rc.nameservers == ["10.0.0.1", "fe80::1", "10.0.0.2"]  # at most three, bad ones skipped
+    assert rc.search == ["b.example", "c.example"]  # the last of domain/search wins
+    assert (rc.ndots, rc.timeout, rc.attempts, rc.mode) == (5, 1.0, 3, "sequential")
+    assert resolvconf.parse("options use-vc\n").mode == "tcp"
+    assert resolvconf.parse("").mode == "parallel"
