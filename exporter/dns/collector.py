@@ -44,15 +44,16 @@ class DnsProbeCollector:
             "Time a probe lookup (A and AAAA) took until both answers or final failures were in hand.",
             labels=[*LABELS, "mode"])
         requests = CounterMetricFamily(
-            "dns_probe_requests", "Probe lookups sent, per query type.", labels=[*LABELS, "mode", "qtype"])
+            "dns_probe_requests", "Probe lookups sent, per query type and name class (zone).",
+            labels=[*LABELS, "mode", "qtype", "zone"])
         failures = CounterMetricFamily(
             "dns_probe_failures",
             "Probe queries that failed, by reason; reason mismatch counts ignored stray replies.",
-            labels=[*LABELS, "mode", "qtype", "reason"])
+            labels=[*LABELS, "mode", "qtype", "zone", "reason"])
         retries = CounterMetricFamily(
             "dns_probe_retries",
             "Probe queries answered only after a retransmission (the application waited a full timeout).",
-            labels=[*LABELS, "mode", "qtype"])
+            labels=[*LABELS, "mode", "qtype", "zone"])
         partial = CounterMetricFamily(
             "dns_probe_partial_pairs",
             "Parallel probes where one query of the A/AAAA pair was answered on the first attempt and the "
@@ -78,12 +79,12 @@ class DnsProbeCollector:
                 continue
             for mode, h in sorted(st.histograms.items()):
                 duration.add_metric([server, kind, mode], h.cumulative(), h.total)
-            for (mode, qt), n in sorted(st.requests.items()):
-                requests.add_metric([server, kind, mode, qt], n)
-            for (mode, qt), n in sorted(st.retries.items()):
-                retries.add_metric([server, kind, mode, qt], n)
-            for (mode, qt, reason), n in sorted(st.failures.items()):
-                failures.add_metric([server, kind, mode, qt, reason], n)
+            for (mode, qt, z), n in sorted(st.requests.items()):
+                requests.add_metric([server, kind, mode, qt, z], n)
+            for (mode, qt, z), n in sorted(st.retries.items()):
+                retries.add_metric([server, kind, mode, qt, z], n)
+            for (mode, qt, z, reason), n in sorted(st.failures.items()):
+                failures.add_metric([server, kind, mode, qt, z, reason], n)
             for qt, n in sorted(st.partial.items()):
                 partial.add_metric([server, kind, qt], n)
         yield from (duration, requests, failures, retries, partial, info, nodelocal)

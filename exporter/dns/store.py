@@ -4,6 +4,10 @@ Keyed by target (`server`, `kind`): `ensure()` creates a target's series, `retai
 that left the target registry, and `record()` drops results for a target it does not know (removed while
 its lookup was in flight), so a removed target's series never come back. The collector renders the
 targets the registry lists now, so a removed target disappears from the very next scrape.
+
+Counters are kept per name class (`zone`): `cluster` for probe names inside the cluster domain, `external` for
+the others, so an upstream outage (external names fail, cluster names resolve) is visible as series of its own
+while several names of one class still add into one series (two values at most: the label stays bounded).
 """
 
 from __future__ import annotations
@@ -13,6 +17,15 @@ import threading
 from dataclasses import dataclass, field
 
 from exporter.dns.resolver import QTYPES, ProbeResult
+
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+ZONES = ("cluster", "external")
+
+
+def zone_of(name: str, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
+    """`cluster` if `name` is the cluster domain or inside it (case-insensitive, trailing dots ignored)."""
+    n, d = name.rstrip(".").lower(), cluster_domain.strip(".").lower()
+    return "cluster" if n == d or n.endswith("." + d) else "external"
 
 # Sub-millisecond (a node-local cache) to tens of ms (a cluster DNS pod), 0.5 s (the slow-probe alert),
 # then the resolver plateaus:
@@ -43,9 +56,9 @@ class Histogram:
 @dataclass
 class TargetStats:
     histograms: dict[str, Histogram] = field(default_factory=dict)              # mode
-    requests: dict[tuple[str, str], int] = field(default_factory=dict)          # (mode, qtype)
-    retries: dict[tuple[str, str], int] = field(default_factory=dict)           # (mode, qtype)
-    failures: dict[tuple[str, str, str], int] = field(default_factory=dict)     # (mode, qtype, reason)
+    requests: dict[tuple[str, str, str], int] = field(default_factory=dict)     # (mode, qtype, zone)
+    retries: dict[tuple[str, str, str], int] = field(default_factory=dict)      # (mode, qtype, zone)
+    failures: dict[tuple[str, str, str, str], int] = field(default_factory=dict)  # (mode, qtype, zone, reason)
     partial: dict[str, int] = field(default_factory=dict)                       # lost qtype (parallel only)
 
 
@@ -56,7 +69,11 @@ class SearchStats:
 
 
 class ProbeStore:
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = ("kubernetes.default.svc.cluster.local.",),
+                 cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> None:
+        """`names`: the probed names, whose zones get their series at zero from the start."""
+        self.cluster_domain = cluster_domain
+        self._zones = tuple(z for z in ZONES if z in {zone_of(n, cluster_domain) for n in names}) or ZONES[:1]
         self._lock = threading.Lock()
         self._targets: dict[TargetKey, TargetStats] = {}
         self._present: dict[str, bool] = {}        # nodelocal server -> answering
@@ -71,30 +88,33 @@ class ProbeStore:
             for mode in modes:
                 st.histograms[mode] = Histogram()
                 for qt in QTYPES:
-                    st.requests[(mode, qt)] = 0
-                    st.retries[(mode, qt)] = 0
+                    for z in self._zones:
+                        st.requests[(mode, qt, z)] = 0
+                        st.retries[(mode, qt, z)] = 0
                 if mode == "parallel":
                     for qt in QTYPES:
                         st.partial[qt] = 0
             self._targets[key] = st
 
-    def record(self, key: TargetKey, result: ProbeResult) -> None:
+    def record(self, key: TargetKey, result: ProbeResult, name: str | None = None) -> None:
+        """Add one lookup of `name` (counted in its zone; without a name, in the first configured zone)."""
         mode = result.mode
+        z = zone_of(name, self.cluster_domain) if name is not None else self._zones[0]
         with self._lock:
             st = self._targets.get(key)
             if st is None:
                 return
             st.histograms.setdefault(mode, Histogram()).observe(result.duration)
             for qt, out in result.outcomes.items():
-                st.requests[(mode, qt)] = st.requests.get((mode, qt), 0) + 1
+                st.requests[(mode, qt, z)] = st.requests.get((mode, qt, z), 0) + 1
                 if out.reason is not None:
-                    k = (mode, qt, out.reason)
+                    k = (mode, qt, z, out.reason)
                     st.failures[k] = st.failures.get(k, 0) + 1
-                st.retries.setdefault((mode, qt), 0)
+                st.retries.setdefault((mode, qt, z), 0)
             for qt in result.retried:
-                st.retries[(mode, qt)] += 1
+                st.retries[(mode, qt, z)] += 1
             for qt, n in result.mismatches.items():
-                k = (mode, qt, "mismatch")
+                k = (mode, qt, z, "mismatch")
                 st.failures[k] = st.failures.get(k, 0) + n
             if mode == "parallel" and result.partial_lost is not None:
                 st.partial[result.partial_lost] = st.partial.get(result.partial_lost, 0) + 1
