@@ -110,7 +110,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
 
     usage = "instance:conntrack_table_usage:max2m"
     full = f"({usage}{{{s}}} > {TABLE_FULL})"
-    drops = f"sum without (cpu) (increase(conntrack_stat_drop_total{{{s}}}[{WINDOW}]))"
+    drops = f"sum without (cpu) (increase(conntrack_stat_drop_total{{{s}}}[{RECENT}]))"
     inserts = f"sum without (cpu) (increase(conntrack_stat_insert_failed_total{{{s}}}[{WINDOW}]))"
     table = [
         record(usage,
@@ -121,7 +121,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               "0m", "critical", "cause",
               "The conntrack table is full: the kernel drops packets that need a new entry, DNS queries included.",
               f"The conntrack table on node {NODE} reached {TABLE_FULL:.0%} of nf_conntrack_max and "
-              f"{{{{ $value | humanize }}}} packets were dropped in the last {WINDOW} for want of an entry. "
+              f"{{{{ $value | humanize }}}} packets were dropped in the last {RECENT} for want of an entry. "
               "New connections and DNS queries on this node fail; its DNS probe alerts are symptoms of this."),
         alert("ConntrackTableNearFull",
               f"conntrack_entries{{{s}}} / conntrack_entries_limit{{{s}}} > {TABLE_CRITICAL}",
@@ -148,7 +148,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               f"unless on (job, instance)\n  ({inserts} > 0)",
               "0m", "warning", "cause",
               "Conntrack is dropping packets on a table that is not full and without insert failures.",
-              f"Node {NODE} dropped {{{{ $value | humanize }}}} packets in conntrack in the last {WINDOW}, while "
+              f"Node {NODE} dropped {{{{ $value | humanize }}}} packets in conntrack in the last {RECENT}, while "
               f"its table stayed below {TABLE_FULL:.0%} and no insertion failed: neither a full table nor the "
               "insert race explains them (see the runbook for the other drop paths)."),
         alert("ConntrackClashResolving",
@@ -177,6 +177,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
     fail1 = "node_server:dns_probe_failures:increase1m"
     err1 = "node_server:dns_probe_cluster_errors:increase1m"
     slow_ratio = "node_server:dns_probe_slow_answers:ratio2m"
+    slow1 = "node_server:dns_probe_slow_answers:increase1m"
     ep_ratio = "node_endpoint:dns_probe_cluster_failures:ratio2m"
     nodes = "endpoint:dns_probe_nodes:count"
     failing = "endpoint:dns_probe_nodes_failing:ratio"
@@ -216,6 +217,11 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
                f'  - sum by ({by_server}) (increase(dns_probe_duration_seconds_bucket{{{s}, le="{SLOW_BUCKET_LE}"}}'
                f"[{WINDOW}])))\n"
                f"/ sum by ({by_server}) (increase(dns_probe_duration_seconds_count{{{s}}}[{WINDOW}]))"),
+        record(slow1,
+               f'sum by ({by_server}) (increase(dns_probe_duration_seconds_bucket{{{s}, le="{ANSWERED_BUCKET_LE}"}}'
+               f"[{RECENT}]))\n"
+               f'- sum by ({by_server}) (increase(dns_probe_duration_seconds_bucket{{{s}, le="{SLOW_BUCKET_LE}"}}'
+               f"[{RECENT}]))"),
         # Fleet view of each CoreDNS endpoint: its cluster-name failure ratio from every node that probes it
         # (nodes whose own table is full are left out: their failures say nothing about CoreDNS).
         record(ep_ratio, f'(\n  ({zone_ratio}{{{s}, kind="endpoint", zone!="external"}} >= 0)\n'
@@ -234,8 +240,10 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
         # Share of probing nodes, leaving out lossy nodes (every endpoint errs from them; they would blame every
         # pod), from which this endpoint fails; when most nodes (and more than one) are "lossy", CoreDNS itself
         # is failing everywhere and none is left out.
-        record(failing, f"(\n  count by ({FLEET_LABELS}, server, pod) ({ep_ratio}{{{s}}} > {POD_DOWN_RATIO} "
-                        f"unless on (job, instance) {lossy_node})\n"
+        record(failing, f"(\n  count by ({FLEET_LABELS}, server, pod) (\n"
+                        f"    {ep_ratio}{{{s}}} > {POD_DOWN_RATIO}\n"
+                        f"    and on (job, instance, server) {fail1}{{{s}}} > 0\n"
+                        f"    unless on (job, instance) {lossy_node}\n  )\n"
                         f"  or count by ({FLEET_LABELS}, server, pod) ({ep_ratio}{{{s}}}) * 0\n)\n"
                         f"/ count by ({FLEET_LABELS}, server, pod) ({ep_ratio}{{{s}}} unless on (job, instance) "
                         f"{lossy_node})"),
@@ -291,7 +299,8 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               "IP every node loses the share of lookups kube-proxy sends to it."),
         alert("CoreDNSPodSlow",
               f"count by ({FLEET_LABELS}, server, pod) (\n"
-              f'  (({slow_ratio}{{{s}, kind="endpoint"}} > {SLOW_RATIO}) {not_full})\n  {with_pod}\n)\n'
+              f'  (\n    ({slow_ratio}{{{s}, kind="endpoint"}} > {SLOW_RATIO})\n'
+              f"    and on (job, instance, server) {slow1}{{{s}}} > 0\n    {not_full}\n  )\n  {with_pod}\n)\n"
               f"/ {nodes}{{{s}}}\n>= {FLEET_MOST}",
               "2m", "warning", "cause",
               "A CoreDNS pod answers slowly, seen from most nodes.",

@@ -378,3 +378,31 @@ def test_alertmanagerconfig_carries_the_same_inhibition() -> None:
         assert text(op["sourceMatch"]) == p["source_matchers"]
         assert text(op["targetMatch"]) == p["target_matchers"]
         assert op["equal"] == p["equal"]
+
+
+def test_every_runbook_starts_from_the_cause_and_names_what_it_inhibits() -> None:
+    """Header: severity, role, when it fires, what it inhibits; then how to confirm it with one command. Every
+    alert a cause inhibits (per the shipped inhibit_rules) is named in the cause's runbook header."""
+    targets: dict[str, set[str]] = {}
+    for rule in _inhibit_rules():
+        (source,) = _alertnames(rule["source_matchers"])
+        targets.setdefault(source, set()).update(_alertnames(rule["target_matchers"]))
+    for name in EXPECTED_ALERTS:
+        text = (RUNBOOKS / f"{name}.md").read_text()
+        head = text.split("\n## ", 1)[0]
+        role = "symptom" if name in SYMPTOMS else "cause"
+        assert f"**Role:** {role}" in head and "**Fires when:**" in head and "**Inhibits" in head, name
+        inhibits = head.split("**Inhibits", 1)[1]
+        for t in targets.get(name, set()):
+            assert t in inhibits, f"{name}'s runbook does not say it inhibits {t}"
+        sections = [s.split("\n", 1)[0] for s in text.split("\n## ")[1:]]
+        assert sections[0].startswith("Confirm") or sections[1].startswith("Confirm"), (name, sections[:2])
+
+
+def test_the_cause_model_lists_every_alert() -> None:
+    doc = (ROOT / "docs" / "alerts.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for name in EXPECTED_ALERTS:
+        assert f"`{name}`" in doc, f"docs/alerts.md does not mention {name}"
+    for name in CAUSES:
+        assert f"`{name}`" in readme, f"the README's cause table lacks {name}"
