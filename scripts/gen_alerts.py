@@ -77,6 +77,11 @@ RECENT = "1m"
 # Service-IP side of DNSServiceIPPathBroken looks this far back, so endpoint probes sent in the same round
 # have had time to time out before the two are compared.
 PROBE_DEADLINE = "15s"
+# A cause that inhibits symptoms keeps firing this long after its evidence ended (Prometheus's
+# `keep_firing_for`), so it outlives every symptom it holds back: a symptom's "still failing" guard is RECENT
+# plus the probes still in flight at the heal (timeout x attempts) plus a scrape. Without it the symptom
+# would be notified in the seconds between the cause resolving and the symptom resolving.
+CAUSE_HOLD = "1m"
 
 
 def _or_zero(metric: str, sel: str, by: str, window: str, requests_sel: str) -> str:
@@ -332,7 +337,8 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               f"{{{{ $labels.pod }}}}{{{{ end }}}}) failed over the last {WINDOW} "
               f"(alert above {PROBE_FAILURE_RATIO:.0%}), and they are still failing."),
         alert("DNSProbeSlow",
-              f"({slow_ratio}{{{s}}} > {SLOW_RATIO})\n{with_pod}",
+              f"(\n  {slow_ratio}{{{s}}} > {SLOW_RATIO}\n  and on (job, instance, server, kind) {slow1}{{{s}}} > 0\n)\n"
+              f"{with_pod}",
               "2m", "warning", "symptom",
               "DNS lookups are slow.",
               f"{{{{ $value | humanizePercentage }}}} of the DNS probe answers from node {NODE} to "
@@ -369,6 +375,16 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               f"The {{{{ $labels.collector }}}} collector of the exporter on node {NODE} has been failing for "
               "3 minutes; its metrics are missing or stale."),
     ]
+    sources = {r["source_matchers"][0].split('"')[1] for r in inhibitions()}
+    for rule in table + dns_alerts + selfmon:
+        if rule.get("alert") in sources:
+            items = list(rule.items())
+            after = "for" if "for" in rule else "expr"
+            rule.clear()
+            for k, v in items:
+                rule[k] = v
+                if k == after:
+                    rule["keep_firing_for"] = CAUSE_HOLD
     return [
         {"name": "conntrack-dns-exporter.conntrack", "rules": table},
         {"name": "conntrack-dns-exporter.dns", "rules": dns_records + dns_alerts},
@@ -499,10 +515,11 @@ def render_groups(job: str = DEFAULT_JOB, runbook_base_url: str = RUNBOOK_BASE_U
                 r["expr"] = _RANGE.sub(lambda m: f"[{_scaled(m.group(1), m.group(2), time_scale)}]", r["expr"])
                 r["expr"] = _OFFSET.sub(lambda m: f"offset {_scaled(m.group(1), m.group(2), time_scale)}",
                                         r["expr"])
-                if "for" in r:
-                    m = _DURATION.match(r["for"])
-                    assert m, r["for"]
-                    r["for"] = _scaled(m.group(1), m.group(2), time_scale)
+                for key in ("for", "keep_firing_for"):
+                    if key in r:
+                        m = _DURATION.match(r[key])
+                        assert m, r[key]
+                        r[key] = _scaled(m.group(1), m.group(2), time_scale)
             if for_override is not None and "for" in r:
                 r["for"] = for_override
             if extra_labels and "alert" in r:
