@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps test lint unit demo bench clean
+.PHONY: deps test lint unit image-test demo bench clean
 
 deps:
 	@bash scripts/bootstrap.sh
@@ -18,6 +18,11 @@ test: lint
 
 unit: deps
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## make image-test: build the image with podman on a local bookworm base and run it with runc as the DaemonSet
+## does, with and without NET_ADMIN (root; apt-get install podman buildah mmdebstrap uidmap runc; ~1-2 min)
+image-test: deps
+	CDET_IMAGE_TEST=1 $(PY) -m pytest tests/integration/test_image.py -m image $(PYTEST_ARGS)
 
 ## make demo [SCENARIO=table-full] [DEMO_SECONDS=30]: the exporter in a live lab with Prometheus and Alertmanager
 demo: deps

@@ -4,6 +4,7 @@ and shut down cleanly on SIGTERM/SIGINT (within 2 s: DaemonSet rollouts wait for
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import platform
@@ -13,15 +14,18 @@ import threading
 import time
 from types import FrameType
 
-from prometheus_client import ProcessCollector
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.core import logs
+from exporter.core import caps, logs
 from exporter.core.errors import ExporterError
 from exporter.core.feature import AppContext
 from exporter.core.scrape import Collector, ScrapeWrapper, Service
+from exporter.diagnose import page
+from exporter.diagnose.live import LiveDiagnosis
+from exporter.discovery import Target
 from exporter.features import all_features
 from exporter.web import webconfig
 from exporter.web.notrack import Notrack, NotrackError
@@ -30,23 +34,42 @@ from exporter.web.server import ExporterHTTPServer
 log = logs.get("main")
 
 
+def build_revision() -> tuple[str, str]:
+    """(revision, branch) of this build: the image build writes them into exporter/_build.py from its
+    REVISION and BRANCH build args; a source checkout has none ("unknown")."""
+    try:
+        mod = importlib.import_module("exporter._build")
+    except ImportError:
+        return "unknown", "unknown"
+    return str(getattr(mod, "REVISION", "") or "unknown"), str(getattr(mod, "BRANCH", "") or "unknown")
+
+
 class BuildInfo:
+    def __init__(self) -> None:
+        self.revision, self.branch = build_revision()
+
     def collect(self) -> list[Metric]:
         g = GaugeMetricFamily("conntrack_dns_exporter_build_info",
-                              "Always 1; the exporter's version and Python version as labels.",
-                              labels=["version", "python_version"])
-        g.add_metric([__version__, platform.python_version()], 1)
+                              "Always 1; the exporter's version, VCS revision and branch, and Python version as "
+                              "labels.", labels=["version", "revision", "branch", "python_version"])
+        g.add_metric([__version__, self.revision, self.branch, platform.python_version()], 1)
         return [g]
 
     def describe(self) -> list[Metric]:
         return []
 
 
-def build_registry(collectors: list[Collector]) -> CollectorRegistry:
+def build_registry(collectors: list[Collector], exporter_metrics: bool = True) -> CollectorRegistry:
+    """The exporter's registry. `exporter_metrics=False` (--web.disable-exporter-metrics) leaves out the
+    metrics about the exporter process itself (process_*, python_*), as node_exporter leaves out go_* and
+    process_*; build_info and the collector success/duration stay (dashboards and alerts use them)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeWrapper(collectors))
     registry.register(BuildInfo())
-    ProcessCollector(registry=registry)
+    if exporter_metrics:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
     return registry
 
 
@@ -57,13 +80,16 @@ def run(args: argparse.Namespace) -> int:
     services: list[Service] = []
     try:
         for feature in all_features():
+            feature.validate(args)
             built = feature.build(args, ctx)
             collectors += built.collectors
             services += built.services
     except ExporterError as e:
         sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
         return 2
-    registry = build_registry(collectors)
+    registry = build_registry(collectors, exporter_metrics=not args.web_disable_exporter_metrics)
+    live = _live_diagnosis(args, ctx)
+    services.append(live)
     web_config = None
     if args.web_config_file:
         try:
@@ -75,22 +101,31 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = ExporterHTTPServer(host, port, registry, keepalive=args.web_keepalive,
                                     idle_timeout=args.web_idle_timeout, read_timeout=args.web_read_timeout,
-                                    max_connections=args.web_max_connections, web_config=web_config)
+                                    max_connections=args.web_max_connections, web_config=web_config,
+                                    telemetry_path=args.web_telemetry_path,
+                                    landing=lambda: page.render(live, args.kubernetes_node_name,
+                                                                args.web_telemetry_path),
+                                    landing_public=args.web_status_page_public)
     except OSError as e:
         sys.stderr.write(f"conntrack-dns-exporter: error: cannot listen on {host}:{port}: {e.strerror}\n")
         return 2
-    registry.register(server)
+    if not args.web_disable_exporter_metrics:
+        registry.register(server)  # the web server's own counters (node_exporter's promhttp_* counterpart)
     exempt: Notrack | None = None
     if args.web_notrack:
         exempt = Notrack(server.port, check_interval=args.web_notrack_check_interval)
         try:
             exempt.install()
         except NotrackError as e:
-            # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
-            # than run without it and be unreachable exactly when the table fills.
-            server.server_close()
-            sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
-            return 2
+            if not caps.net_admin_missing():
+                # Asked for explicitly: fail the start (visible as CrashLoopBackOff during the rollout) rather
+                # than run without it and be unreachable exactly when the table fills.
+                server.server_close()
+                sys.stderr.write(f"conntrack-dns-exporter: error: {e}\n")
+                return 2
+            # No NET_ADMIN at all (e.g. removed by policy): nothing that needs it can work, so serve what can
+            # be served (DNS probes, collector_success 0) instead of crash-looping; the rule gauge says 0.
+            log.warning("%s; serving without it: %s", e, caps.why_missing())
         registry.register(exempt)
         services.append(exempt)
     try:
@@ -100,6 +135,15 @@ def run(args: argparse.Namespace) -> int:
             exempt.remove()
     _exit_if_threads_linger(code)
     return code
+
+
+def _live_diagnosis(args: argparse.Namespace, ctx: AppContext) -> LiveDiagnosis:
+    """The `/` page's verdict, from what the data paths already measure (no extra probes or scans)."""
+    nodelocal = None
+    if getattr(args, "probe_nodelocal", None) is not None:
+        host, port = args.probe_nodelocal
+        nodelocal = Target(host, port, "nodelocal").server
+    return LiveDiagnosis(ctx, nodelocal=nodelocal)
 
 
 def _exit_if_threads_linger(code: int) -> None:

@@ -1,18 +1,19 @@
 """Command line: Go-exporter-style flags, each with a CONNTRACK_DNS_EXPORTER_* environment twin.
 
 Bad input (unknown flag, bad value, unusable listen address) exits 2 with one line on stderr.
-Subcommands: `record` (a fixture of this namespace's conntrack statistics and table; `record --help`).
+Subcommands: `diagnose` (the node's DNS path checked, with a verdict) and `record` (a fixture of this
+namespace's conntrack statistics and table); each has `--help`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from exporter import __version__
-from exporter.core import logs
-from exporter.core.flags import add_flag, parse_duration, parse_hostport, positive_int
+from exporter.core import caps, logs
+from exporter.core.flags import add_flag, check_env, parse_duration, parse_hostport, positive_int
 from exporter.features import all_features
 
 DEFAULT_PORT = 19153
@@ -20,6 +21,11 @@ PROG = "conntrack-dns-exporter"
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed = super().parse_known_args(args, namespace)
+        check_env(parsed[0])  # a bad environment twin counts only if the command line left that flag unset
+        return parsed
+
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
         raise SystemExit(2)
@@ -29,14 +35,27 @@ def listen_address(text: str) -> tuple[str, int]:
     return parse_hostport(text)
 
 
+def telemetry_path(text: str) -> str:
+    reserved = ("/", "/-/healthy", "/-/ready")
+    if not text.startswith("/") or text in reserved or any(c in text for c in "?# \t"):
+        raise argparse.ArgumentTypeError(f"invalid path {text!r} (want e.g. /metrics; not {', '.join(reserved)})")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
-                epilog="Subcommands: record (capture a replayable fixture of this namespace; record --help).",
+                epilog="Subcommands: diagnose (check the node's DNS path and name the cause; diagnose --help), "
+                       "record (capture a replayable fixture of this namespace; record --help).",
                 allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g = p.add_argument_group("web")
     add_flag(g, "--web.listen-address", default=("", DEFAULT_PORT), type=listen_address, metavar="[HOST]:PORT",
-             help=f"Address to serve /metrics on (default :{DEFAULT_PORT}).")
+             help="Address to serve the metrics on.")
+    add_flag(g, "--web.telemetry-path", default="/metrics", type=telemetry_path, metavar="PATH",
+             help="Path under which the metrics are served.")
+    add_flag(g, "--web.disable-exporter-metrics", default=False, action="bool",
+             help="Leave out the metrics about the exporter process itself (process_*, python_*) and its web "
+                  "server (conntrack_dns_exporter_web_*).")
     add_flag(g, "--web.keepalive", default=True, action="bool",
              help="HTTP/1.1 keep-alive, so a scrape connection survives a full conntrack table.")
     add_flag(g, "--web.idle-timeout", default=300.0, type=parse_duration,
@@ -47,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="Open connections (one thread each) above which new ones are closed at once.")
     add_flag(g, "--web.config.file", default="", metavar="FILE",
              help="Prometheus exporter-toolkit web config (TLS, basic auth); /, /-/healthy, /-/ready stay open.")
+    add_flag(g, "--web.status-page.public", default=False, action="bool",
+             help="Serve the / status page without the web config's basic auth (it shows node and pod names).")
     add_flag(g, "--web.notrack", default=False, action="bool",
              help="Exempt the listen port from conntrack with an nftables NOTRACK table (needs nft, CAP_NET_ADMIN).")
     add_flag(g, "--web.notrack.check-interval", default=30.0, type=parse_duration,
@@ -63,10 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-SUBCOMMANDS = {"record": "exporter.record"}
+SUBCOMMANDS = {"record": "exporter.record", "diagnose": "exporter.diagnose.command"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    caps.raise_net_admin()  # first, before any thread exists (exporter/core/caps.py)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
         import importlib

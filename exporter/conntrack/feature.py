@@ -31,8 +31,10 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         data = fixtures.load(args.collector_conntrack_fixtures)
         src = fixtures.FixtureStatsSource(data)
         stats, sysctl = src, StaticSysctlSource(src.sysctl)
+        ctx.shared["conntrack.sample"] = src.peek
     else:
         stats, sysctl = NetlinkStatsSource(), SysctlSource()
+        ctx.shared["conntrack.sample"] = NetlinkStatsSource().sample  # its own socket: never delays a scrape
     return Built(collectors=[ConntrackCollector(stats, sysctl, per_cpu=args.collector_conntrack_per_cpu)])
 
 

@@ -45,6 +45,13 @@ class FixtureStatsSource:
         self._lock = threading.Lock()
         self.sysctl: dict[str, int] = fixtures.int_map(data.get("sysctl"), "sysctl")
 
+    def peek(self) -> ConntrackStats:
+        """The sample the last `sample()` returned (the first before any), without advancing the replay."""
+        with self._lock:
+            cpu, glob = self._samples[min(max(self._next - 1, 0), len(self._samples) - 1)]
+        entries, limit = parse_stats_global(glob)
+        return ConntrackStats(per_cpu=parse_stats_cpu(cpu), entries=entries, limit=limit)
+
     def sample(self) -> ConntrackStats:
         with self._lock:
             cpu, glob = self._samples[min(self._next, len(self._samples) - 1)]

@@ -20,6 +20,9 @@ from exporter.discovery import Discovery, PodIndex, TargetRegistry
 @dataclass
 class AppContext:
     discovery: Discovery = field(default_factory=Discovery)
+    # what a data path offers to the process-level consumers (the status page's live diagnosis), by name:
+    # "conntrack.sample" (a callable returning the current ConntrackStats), "dns.store", "table.service"
+    shared: dict[str, object] = field(default_factory=dict)
 
     @property
     def targets(self) -> TargetRegistry:

@@ -3,7 +3,9 @@
 Every flag `--a.b-c` has the environment twin `CONNTRACK_DNS_EXPORTER_A_B_C`. A command-line value wins
 over the environment, the environment over the default. Values are validated while parsing, so a bad
 value exits 2 with one line before anything starts (blackbox_exporter validates at load, never at
-probe time).
+probe time). A bad environment twin only counts when the command line does not set that flag: the
+command line overriding it is the usual fix, so it must not abort the start (`check_env`).
+`--help` shows each flag's built-in default and its twin.
 """
 
 from __future__ import annotations
@@ -105,6 +107,43 @@ def _valid_host(host: str) -> bool:
         return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", host))
 
 
+class BadEnv:
+    """The default of a flag whose environment twin did not parse; an error only if the flag stays unset."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"<invalid environment: {self.message}>"
+
+
+def check_env(namespace: argparse.Namespace) -> None:
+    """Exit 2 with one line if a flag kept the default of a bad environment twin (call after parsing)."""
+    for value in vars(namespace).values():
+        if isinstance(value, BadEnv):
+            _fail(value.message)
+
+
+def show_default(default: Any, dest: str = "") -> str:
+    """A flag's default as --help and docs/flags.md show it ("" when there is none worth showing)."""
+    if default is None or default == [] or default == "":
+        return ""
+    if isinstance(default, tuple) and len(default) == 2 and isinstance(default[1], int):
+        return f"{default[0]}:{default[1]}"
+    if isinstance(default, tuple):  # NAMESPACE/NAME pairs, or lists of choices
+        return ("/" if dest.endswith("dns_service") else ",").join(str(d) for d in default)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, float):  # every float flag is a duration (parse_duration)
+        return f"{default:g}s"
+    if isinstance(default, list):
+        return ",".join(str(d) for d in default)
+    return str(default)
+
+
+HELP_SUFFIX = re.compile(r" \[(?:default: .*; )?env [A-Z0-9_]+\]$")
+
+
 def add_flag(
     parser: argparse.ArgumentParser | Any,
     flag: str,
@@ -124,7 +163,8 @@ def add_flag(
     """
     env = env_name(flag)
     raw = os.environ.get(env)
-    kwargs: dict[str, Any] = {"help": f"{help} [env {env}]"}
+    shown = show_default(default, _dest(flag))
+    kwargs: dict[str, Any] = {"help": f"{help} [default: {shown}; env {env}]" if shown else f"{help} [env {env}]"}
     if action == "bool":
         kwargs["action"] = argparse.BooleanOptionalAction
         value: Any = default
@@ -132,7 +172,7 @@ def add_flag(
             try:
                 value = parse_bool(raw)
             except argparse.ArgumentTypeError as e:
-                _fail(f"{env}: {e}")
+                value = BadEnv(f"{env}: {e}")
         kwargs["default"] = value
     elif action == "append":
         kwargs["action"] = _Append
@@ -143,7 +183,7 @@ def add_flag(
             try:
                 value = [type(p) if type else p for p in items]
             except argparse.ArgumentTypeError as e:
-                _fail(f"{env}: {e}")
+                value = BadEnv(f"{env}: {e}")
         kwargs["default"] = value
     else:
         if action is not None:
@@ -155,9 +195,9 @@ def add_flag(
             try:
                 value = type(raw) if type else raw
             except argparse.ArgumentTypeError as e:
-                _fail(f"{env}: {e}")
-            if choices is not None and value not in choices:
-                _fail(f"{env}: invalid choice {raw!r} (choose from {', '.join(choices)})")
+                value = BadEnv(f"{env}: {e}")
+            if choices is not None and not isinstance(value, BadEnv) and value not in choices:
+                value = BadEnv(f"{env}: invalid choice {raw!r} (choose from {', '.join(choices)})")
         kwargs["default"] = value
     if choices is not None:
         kwargs["choices"] = choices

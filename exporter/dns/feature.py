@@ -128,6 +128,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         search_names=tuple(dict.fromkeys(args.probe_search_name)),
     )
     store = ProbeStore(config.names, args.probe_cluster_domain)
+    ctx.shared["dns.store"] = store
     return Built(collectors=[DnsProbeCollector(store, ctx.targets)],
                  services=[ProbeService(config, ctx.discovery, store)])
 

@@ -42,6 +42,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         scanner = Scanner(max_duration=args.collector_table_max_duration)
     service = TableScanService(scanner, interval=args.collector_table_interval,
                                top_n=args.collector_table_top_sources, discovery=ctx.discovery)
+    ctx.shared["table.service"] = service
     return Built(collectors=[TableCollector(service)], services=[service])
 
 

@@ -1,4 +1,7 @@
-"""The HTTP side: `/metrics`, `/-/healthy`, `/-/ready` and a landing page at `/`.
+"""The HTTP side: `/metrics` (`--web.telemetry-path`), `/-/healthy`, `/-/ready` and a landing page at `/`.
+
+`/metrics?name[]=a&name[]=b` returns only the samples named (or of the families named), as
+prometheus_client's own handler does; everything is still collected, only the output is filtered.
 
 prometheus_client's own server speaks HTTP/1.0 and closes the connection after every scrape. When the
 node's conntrack table is full, a new TCP connection to the exporter cannot be tracked and the scrape
@@ -35,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -47,7 +50,7 @@ from exporter.web.webconfig import WebConfig, WebConfigError
 
 log = logs.get("web")
 
-PUBLIC_PATHS = frozenset({"/", "/-/healthy", "/-/ready"})
+PUBLIC_PATHS = frozenset({"/-/healthy", "/-/ready"})  # kubelet probes; "/" only with landing_public
 REJECT_LOG_INTERVAL = 10.0
 
 
@@ -114,6 +117,21 @@ class Exposition:
         return flight.body
 
 
+class _Only:
+    """A registry view with only the samples named in `name[]` (a family's name selects all its samples)."""
+
+    def __init__(self, registry: CollectorRegistry, names: frozenset[str]) -> None:
+        self.registry, self.names = registry, names
+
+    def collect(self) -> Iterable[Metric]:
+        for fam in self.registry.collect():
+            samples = fam.samples if fam.name in self.names else [s for s in fam.samples if s.name in self.names]
+            if samples:
+                out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                out.samples = list(samples)
+                yield out
+
+
 class ExporterHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -122,14 +140,18 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, *, keepalive: bool = True,
                  idle_timeout: float = 300.0, read_timeout: float = 10.0, max_connections: int = 64,
-                 web_config: WebConfig | None = None) -> None:
+                 web_config: WebConfig | None = None, telemetry_path: str = "/metrics",
+                 landing: Callable[[], bytes] | None = None, landing_public: bool = False) -> None:
         self.registry = registry
+        self.telemetry_path = telemetry_path
+        self.landing = landing  # the status page's renderer (HTML bytes); None: a plain page of links
+        self.landing_public = landing_public
         self.exposition = Exposition(registry)
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.max_connections = max_connections
-        self.web_config = web_config
+        self._web_config = web_config
         self.ready = threading.Event()
         self._conns: set[_Conn] = set()
         self._lock = threading.Lock()
@@ -153,6 +175,17 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+    @property
+    def web_config(self) -> WebConfig | None:
+        """The web config now: re-read when its file changed (webconfig.WebConfig.reloaded)."""
+        cfg = self._web_config
+        if cfg is None:
+            return None
+        new = cfg.reloaded()
+        if new is not cfg:
+            self._web_config = new
+        return new
 
     @property
     def port(self) -> int:
@@ -274,7 +307,15 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
                                  "Metrics requests answered with a rendering another simultaneous request started.")
         sh.add_metric([], shared)
-        return [g, lim, r, t, a, sc, sh]
+        out: list[Metric] = [g, lim, r, t, a, sc, sh]
+        cfg = self.web_config
+        if cfg is not None:
+            ok = GaugeMetricFamily("conntrack_dns_exporter_web_config_last_reload_successful",
+                                   "1 if the last change of --web.config.file loaded (or it never changed), 0 if "
+                                   "it did not and the previous configuration is still in use.")
+            ok.add_metric([], 1.0 if cfg.reload_ok else 0.0)
+            out.append(ok)
+        return out
 
     def describe(self) -> list[Metric]:
         return []
@@ -300,11 +341,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.request.settimeout(self.server.idle_timeout)
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path not in PUBLIC_PATHS and not self._authorized():
+        url = urlsplit(self.path)
+        path = url.path
+        public = path in PUBLIC_PATHS or (path == "/" and self.server.landing_public)
+        if not public and not self._authorized():
             return
-        if path == "/metrics":
-            self._metrics()
+        if path == self.server.telemetry_path:
+            self._metrics(parse_qs(url.query).get("name[]", []))
         elif path == "/-/healthy":
             self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
         elif path == "/-/ready":
@@ -313,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(503, b"Not ready\n", "text/plain; charset=utf-8")
         elif path == "/":
-            self._send(200, self._landing(), "text/html; charset=utf-8")
+            self._send(200, self._landing(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
         else:
             self._send(404, b"Not found\n", "text/plain; charset=utf-8")
 
@@ -338,11 +381,14 @@ class _Handler(BaseHTTPRequestHandler):
                    {"WWW-Authenticate": 'Basic realm="conntrack-dns-exporter", charset="UTF-8"'})
         return False
 
-    def _metrics(self) -> None:
+    def _metrics(self, names: list[str]) -> None:
         accept = self.headers.get("Accept", "")
         try:
             encoder, content_type = choose_encoder(accept)
-            body = self.server.exposition.render(content_type, encoder)
+            if names:  # rare (ad-hoc debugging): rendered on its own, not shared with full scrapes
+                body = encoder(_Only(self.server.registry, frozenset(names)))
+            else:
+                body = self.server.exposition.render(content_type, encoder)
         except Exception as e:  # never a traceback in a response (collectors are wrapped; this is a last resort)
             log.error("exposition failed: %s: %s", type(e).__name__, e)
             self._send(500, b"internal error while collecting metrics; see the exporter's log\n",
@@ -355,11 +401,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body, content_type, headers)
 
     def _landing(self) -> bytes:
+        if self.server.landing is not None:
+            try:
+                return self.server.landing()
+            except Exception as e:  # the page is best effort; the links below always work
+                log.error("status page failed: %s: %s", type(e).__name__, e)
         return (
             "<!DOCTYPE html><html><head><title>conntrack-dns-exporter</title></head><body>"
             f"<h1>conntrack-dns-exporter</h1><p>Version {html.escape(__version__)}</p>"
             "<p>Conntrack table statistics and synthetic DNS probes of the node's DNS path.</p>"
-            '<ul><li><a href="metrics">Metrics</a></li><li><a href="-/healthy">Health</a></li>'
+            f'<ul><li><a href="{html.escape(self.server.telemetry_path.lstrip("/"))}">Metrics</a></li>'
+            '<li><a href="-/healthy">Health</a></li>'
             '<li><a href="-/ready">Readiness</a></li></ul>'
             "</body></html>\n"
         ).encode()

@@ -16,10 +16,17 @@ every exporter on the node:
       prometheus: $2b$12$...         # bcrypt hash (htpasswd -nBC 10 "" | tr -d ':\\n')
 
 Everything is validated at load (unknown keys, unreadable files, bad certificates, non-bcrypt hashes), so
-a bad file stops the exporter at start with one line instead of failing scrapes later. Keys of the Go
-toolkit that have no meaning for Python's TLS stack (`cipher_suites`, `curve_preferences`,
-`prefer_server_cipher_suites`, `http2`) are rejected with a message saying so rather than silently
-ignored. Certificates are re-read when their files change (cert-manager rotation) without a restart.
+a bad file stops the exporter at start with one line instead of failing scrapes later. Keys the Go toolkit
+accepts but this exporter cannot honour (`cipher_suites`, `curve_preferences`, `prefer_server_cipher_suites`:
+Python's TLS stack chooses; `http_server_config.http2`: it serves HTTP/1.1; `rate_limit`) are logged with
+a warning and ignored, so one file serves every exporter on the node. Keys whose silent absence would weaken
+security (inline `cert`/`key`, `client_allowed_sans`) still stop the start.
+
+Like the toolkit, which re-reads the file per request, the file is checked on every request (one stat) and
+re-read when it changed: new users, headers and TLS settings apply to the next request or connection. A
+changed file that does not load keeps the previous configuration, logs one line and sets
+`conntrack_dns_exporter_web_config_last_reload_successful` to 0. Certificates are also re-read when their
+own files change (cert-manager rotation) without a restart.
 
 Basic auth: a bcrypt check costs tens of milliseconds on purpose. Like the Go toolkit, a verified
 (user, password) pair is remembered (as a keyed digest, never the password) so a scrape every few seconds
@@ -63,7 +70,13 @@ TLS_VERSIONS = {
 }
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version", "max_version",
              "cert", "key", "client_allowed_sans"}
-_UNSUPPORTED = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "http2"}
+# Accepted by the Go toolkit, not honoured here: warned about and ignored (where -> key -> why).
+_IGNORED = {
+    "": {"rate_limit": "this exporter bounds load with --web.max-connections instead"},
+    "tls_server_config": dict.fromkeys(("cipher_suites", "curve_preferences", "prefer_server_cipher_suites"),
+                                       "Python's TLS stack chooses ciphers and curves"),
+    "http_server_config": {"http2": "this exporter serves HTTP/1.1"},
+}
 _AUTH_CACHE_MAX = 1024
 _BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 
@@ -94,6 +107,35 @@ class WebConfig:
     _auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     _auth_ok: dict[bytes, None] = field(default_factory=dict, repr=False)
     _dummy: bytes = field(default=b"", repr=False)
+    _file_stamp: tuple[int, ...] | None = field(default=None, repr=False)
+    _successor: WebConfig | None = field(default=None, repr=False)
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    reload_ok: bool = True
+
+    # --- reload ------------------------------------------------------------------------------------------
+    def reloaded(self) -> WebConfig:
+        """The configuration to use now: this one, or the file's new content if it changed and loads.
+
+        A broken new file keeps this configuration (one warning per change, `reload_ok` false)."""
+        if self._successor is not None:
+            return self._successor.reloaded()
+        stamp = _file_stamp(self.path)
+        if stamp == self._file_stamp:
+            return self
+        with self._reload_lock:
+            if self._successor is not None:
+                return self._successor.reloaded()
+            if stamp == self._file_stamp:
+                return self
+            try:
+                new = load(self.path)
+            except WebConfigError as e:
+                log.warning("keeping the previous web config: %s", e)
+                self._file_stamp, self.reload_ok = stamp, False
+                return self
+            log.info("web config %s changed; reloaded", self.path)
+            self._successor = new
+            return new
 
     # --- TLS -------------------------------------------------------------------------------------------
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -192,6 +234,7 @@ def _why(e: BaseException) -> str:
 def load(path: str | os.PathLike[str]) -> WebConfig:
     """Read and validate the file; raise WebConfigError with one line on any problem."""
     p = Path(path)
+    stamp = _file_stamp(p)  # before reading: a change during the read is seen by the next check
     try:
         text = p.read_text()
     except OSError as e:
@@ -204,9 +247,19 @@ def load(path: str | os.PathLike[str]) -> WebConfig:
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise WebConfigError(f"web config {p}: invalid YAML{where}: {problem}") from None
     try:
-        return _parse(p, data if data is not None else {})
+        cfg = _parse(p, data if data is not None else {})
     except WebConfigError as e:
         raise WebConfigError(f"web config {p}: {e}") from None
+    cfg._file_stamp = stamp
+    return cfg
+
+
+def _file_stamp(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:
@@ -219,7 +272,8 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 def _parse(path: Path, data: Any) -> WebConfig:
     top = _mapping(data, "the file")
-    unknown = set(top) - {"tls_server_config", "http_server_config", "basic_auth_users"}
+    _warn_ignored(path, top, "")
+    unknown = set(top) - {"tls_server_config", "http_server_config", "basic_auth_users", *_IGNORED[""]}
     if unknown:
         raise WebConfigError(f"unknown key {sorted(unknown)[0]!r} (want tls_server_config, http_server_config, "
                              "basic_auth_users)")
@@ -228,7 +282,7 @@ def _parse(path: Path, data: Any) -> WebConfig:
 
     tls = _mapping(top.get("tls_server_config"), "tls_server_config")
     if tls:
-        _check_keys(tls, _TLS_KEYS, "tls_server_config")
+        _check_keys(tls, _TLS_KEYS, "tls_server_config", path)
         if "cert" in tls or "key" in tls or "client_allowed_sans" in tls:
             raise WebConfigError("tls_server_config: inline cert/key and client_allowed_sans are not supported; "
                                  "use cert_file/key_file")
@@ -255,7 +309,7 @@ def _parse(path: Path, data: Any) -> WebConfig:
 
     http = _mapping(top.get("http_server_config"), "http_server_config")
     if http:
-        _check_keys(http, {"headers"}, "http_server_config")
+        _check_keys(http, {"headers"}, "http_server_config", path)
         headers = _mapping(http.get("headers"), "http_server_config.headers")
         for k, v in headers.items():
             if not isinstance(k, str) or not isinstance(v, str | int) or "\n" in f"{k}{v}" or "\r" in f"{k}{v}":
@@ -287,12 +341,16 @@ def _dummy_hash(cost: int) -> bytes:
     return _DUMMIES[cost]
 
 
-def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
+def _warn_ignored(path: Path, d: dict[str, Any], where: str) -> None:
+    for k, why in _IGNORED[where].items():
+        if k in d:
+            log.warning("web config %s: %s is ignored (%s)", path, f"{where}.{k}" if where else k, why)
+
+
+def _check_keys(d: dict[str, Any], allowed: set[str], where: str, path: Path) -> None:
+    _warn_ignored(path, d, where)
     for k in d:
-        if k in _UNSUPPORTED:
-            raise WebConfigError(f"{where}.{k} is not supported by this exporter (Python's TLS stack chooses "
-                                 "ciphers and curves); remove it")
-        if k not in allowed:
+        if k not in allowed and k not in _IGNORED[where]:
             raise WebConfigError(f"{where}: unknown key {k!r}")
 
 

@@ -138,14 +138,36 @@ def test_wrong_credentials_get_401_and_no_metrics(tls_exporter: tuple[Exporter, 
     assert b"conntrack" not in body and b"Traceback" not in body
 
 
-def test_probe_endpoints_and_landing_page_need_no_password(tls_exporter: tuple[Exporter, Path],
-                                                           certs: dict[str, tuple[Path, Path]]) -> None:
+def test_kubelet_probes_need_no_password_the_status_page_does(tls_exporter: tuple[Exporter, Path],
+                                                              certs: dict[str, tuple[Path, Path]]) -> None:
     e, _ = tls_exporter
-    for path in ("/", "/-/healthy", "/-/ready"):
+    for path in ("/-/healthy", "/-/ready"):
         status, _, body = _https(e.port, _client_ctx(certs), path)
         assert status == 200, path
         assert b"conntrack_dns_exporter_build_info" not in body
+    # the status page names nodes and pods: it follows the web config like /metrics
+    assert _https(e.port, _client_ctx(certs), "/")[0] == 401
+    status, hdrs, body = _https(e.port, _client_ctx(certs), "/", _basic("prometheus", PASSWORD))
+    assert status == 200 and hdrs["content-type"].startswith("text/html") and b"conntrack-dns-exporter" in body
     assert _https(e.port, _client_ctx(certs), "/nonexistent")[0] == 401  # unknown paths are not public
+
+
+def test_status_page_public_when_the_operator_opens_it(certs: dict[str, tuple[Path, Path]],
+                                                        tmp_path: Path) -> None:
+    config = _write_config(tmp_path, certs)
+    e = Exporter([f"--web.config.file={config}", "--no-collector.dns", "--web.status-page.public"])
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if _https(e.port, _client_ctx(certs), "/-/ready")[0] == 200:
+                    break
+            except (OSError, ssl.SSLError):
+                time.sleep(0.05)
+        assert _https(e.port, _client_ctx(certs), "/")[0] == 200
+        assert _https(e.port, _client_ctx(certs), "/metrics")[0] == 401  # only the page is opened
+    finally:
+        e.stop()
 
 
 def test_plain_http_is_refused_and_counted(tls_exporter: tuple[Exporter, Path],

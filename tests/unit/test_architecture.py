@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "exporter"
 SHARED = {"core", "netlink", "discovery"}
-TOP = {"app", "cli", "features", "record", "__main__", "__init__"}  # wiring: may import anything
+TOP = {"app", "cli", "features", "record", "diagnose", "__main__", "__init__"}  # wiring: may import anything
 # what each shared layer may import (besides itself)
 SHARED_ALLOWED = {"core": {"discovery"}, "netlink": {"core"}, "discovery": set()}
 

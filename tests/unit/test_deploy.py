@@ -117,9 +117,10 @@ def test_daemonset_security_context() -> None:
     # The Dockerfile's USER and the pod's runAsUser are the same non-root uid.
     user = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M)
     assert user and spec["securityContext"]["runAsUser"] == int(user.group(1)) != 0
-    # File capabilities are ignored under no_new_privs (tests/unit/test_deploy_capabilities.py proves it),
-    # so escalation must be allowed; it is bounded by the capability set above.
-    assert sc["allowPrivilegeEscalation"] is True
+    # no_new_privs: the image's permitted-only file capability still works under it, because the runtime keeps
+    # the added capability in the permitted set (tests/integration/test_deploy_capabilities.py, tests/integration/
+    # test_image.py with runc).
+    assert sc["allowPrivilegeEscalation"] is False
 
 
 def test_daemonset_resources() -> None:

@@ -67,9 +67,10 @@ def test_tls_paths_are_relative_to_the_file_and_a_ca_alone_means_verify(tmp_path
     ("tls_server_config:\n  cert_file: x\n  key_file: y\n  client_auth_type: RequireAndVerifyClientCert\n",
      "needs client_ca_file"),
     ("tls_server_config:\n  cert_file: x\n  key_file: y\n  min_version: SSL3\n", "invalid TLS version"),
-    ("tls_server_config:\n  cert_file: x\n  key_file: y\n  cipher_suites: [TLS_AES_128_GCM_SHA256]\n",
-     "not supported"),
-    ("http_server_config:\n  http2: false\n", "not supported"),
+    # Ignoring these would silently weaken TLS or client authentication: they still stop the start.
+    ("tls_server_config:\n  cert: PEM\n  key: PEM\n", "not supported"),
+    ("tls_server_config:\n  cert_file: x\n  key_file: y\n  client_allowed_sans: [a]\n", "not supported"),
+    ("rate_limit: 5\nbogus: 1\n", "unknown key 'bogus'"),
     ("http_server_config:\n  headers:\n    X-Bad: \"a\\r\\nSet-Cookie: x\"\n", "invalid header"),
     ("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n", "cannot load cert_file"),
 ])
