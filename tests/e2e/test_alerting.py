@@ -72,7 +72,8 @@ class Env:
     def record(self, fault: str, **figures: float) -> None:
         self.latencies[fault] = {k: round(v, 1) for k, v in figures.items()}
         self.report.write_text(json.dumps(self.latencies, indent=1))
-        print(f"\ne2e {fault}: " + ", ".join(f"{k} {v:.0f}s" for k, v in figures.items()), flush=True)
+        print(f"\ne2e {fault}: " + ", ".join(f"{k} {v:.0f}{'s' if 'after' in k else ''}" for k, v in figures.items()),
+              flush=True)
 
     def quiet(self, what: str) -> None:
         """Wait until Prometheus holds no alert (pending or firing) of this node."""
