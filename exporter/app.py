@@ -1,5 +1,7 @@
 """The process: build the registry from the enabled features, serve HTTP, run background services,
-and shut down cleanly on SIGTERM/SIGINT (within 2 s: DaemonSet rollouts wait for it)."""
+and shut down cleanly on SIGTERM/SIGINT (within 2 s: DaemonSet rollouts wait for it) and on every other
+signal whose default would kill the process (so the NOTRACK table is always removed). SIGHUP reloads
+`--web.config.file` (a broken file keeps the previous one) and logs it."""
 
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     registry = build_registry(collectors, exporter_metrics=not args.web_disable_exporter_metrics)
     live = _live_diagnosis(args, ctx)
     services.append(live)
+    signals = Signals()
     web_config = None
     if args.web_config_file:
         try:
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         registry.register(exempt)
         services.append(exempt)
     try:
-        code = _serve(server, services, collectors, host)
+        code = _serve(server, services, collectors, host, signals, args.web_config_file)
     finally:
         if exempt is not None:
             exempt.remove()
@@ -157,16 +160,45 @@ def _exit_if_threads_linger(code: int) -> None:
         os._exit(code)
 
 
-def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list[Collector], host: str) -> int:
-    stop = threading.Event()
+# Signals whose default action ends the process (crash signals aside): each becomes a clean shutdown.
+TERMINATING = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
+               "SIGXCPU", "SIGIO", "SIGPWR", "SIGSTKFLT")
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
+
+class Signals:
+    """Installed before anything needs cleaning up (the NOTRACK table): a signal sets a flag, the main
+    loop acts on it."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        for name in TERMINATING:
+            sig = getattr(signal, name, None)
+            if sig is not None and (sig in (signal.SIGINT, signal.SIGTERM) or signal.getsignal(sig) == signal.SIG_DFL):
+                signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
+        self.stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        self.reload.set()
 
+
+def reload_web_config(server: ExporterHTTPServer, path: str) -> None:
+    """SIGHUP: re-read the web config now (it is also re-read when it changes); a broken file is logged
+    by the web config and the previous one kept."""
+    if not path:
+        log.info("received SIGHUP; no --web.config.file to reload")
+        return
+    log.info("received SIGHUP; reloading the web config", extra={"kv": {"file": path}})
+    server.reload_web_config()
+
+
+def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list[Collector], host: str,
+           signals: Signals, web_config_file: str = "") -> int:
+    stop = signals.stop
     for svc in services:
         svc.start()
     web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="web", daemon=True)
@@ -175,7 +207,9 @@ def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list
     log.info("listening", extra={"kv": {"address": f"{host}:{server.port}", "version": __version__,
                                         "collectors": ",".join(c.name for c in collectors)}})
     while not stop.wait(0.2):
-        pass
+        if signals.reload.is_set():
+            signals.reload.clear()
+            reload_web_config(server, web_config_file)
     # Everything below must finish well within 2 s (DaemonSet rollouts; terminationGracePeriodSeconds).
     server.shutdown()
     server.server_close()

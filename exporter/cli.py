@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NoReturn
 
 from exporter import __version__
 from exporter.core import caps, logs
-from exporter.core.flags import add_flag, check_env, parse_duration, parse_hostport, positive_int
+from exporter.core.flags import Parser, add_flag, duration, int_range, parse_hostport
 from exporter.features import all_features
 
 DEFAULT_PORT = 19153
 PROG = "conntrack-dns-exporter"
-
-
-class _Parser(argparse.ArgumentParser):
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        parsed = super().parse_known_args(args, namespace)
-        check_env(parsed[0])  # a bad environment twin counts only if the command line left that flag unset
-        return parsed
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
-        raise SystemExit(2)
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -43,7 +31,7 @@ def telemetry_path(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
+    p = Parser(prog=PROG, description="Prometheus exporter for the node's conntrack table and DNS path.",
                 epilog="Subcommands: diagnose (check the node's DNS path and name the cause; diagnose --help), "
                        "record (capture a replayable fixture of this namespace; record --help).",
                 allow_abbrev=False)
@@ -58,19 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
                   "server (conntrack_dns_exporter_web_*).")
     add_flag(g, "--web.keepalive", default=True, action="bool",
              help="HTTP/1.1 keep-alive, so a scrape connection survives a full conntrack table.")
-    add_flag(g, "--web.idle-timeout", default=300.0, type=parse_duration,
+    add_flag(g, "--web.idle-timeout", default=300.0, type=duration(0.01, 86400),
              help="Close a keep-alive connection idle for this long (keep it above the scrape interval).")
-    add_flag(g, "--web.read-timeout", default=10.0, type=parse_duration,
-             help="Close a new connection that has not sent a request (or finished a TLS handshake) by then.")
-    add_flag(g, "--web.max-connections", default=64, type=positive_int,
-             help="Open connections (one thread each) above which new ones are closed at once.")
+    add_flag(g, "--web.read-timeout", default=10.0, type=duration(0.01, 600),
+             help="A request (line, headers; a new connection: TLS handshake too) must be complete by then.")
+    add_flag(g, "--web.max-connections", default=64, type=int_range(1, 4096),
+             help="Open connections (one thread each); at the limit a new one takes the slot of the slowest "
+                  "or longest-idle one.")
     add_flag(g, "--web.config.file", default="", metavar="FILE",
              help="Prometheus exporter-toolkit web config (TLS, basic auth); /, /-/healthy, /-/ready stay open.")
     add_flag(g, "--web.status-page.public", default=False, action="bool",
              help="Serve the / status page without the web config's basic auth (it shows node and pod names).")
     add_flag(g, "--web.notrack", default=False, action="bool",
              help="Exempt the listen port from conntrack with an nftables NOTRACK table (needs nft, CAP_NET_ADMIN).")
-    add_flag(g, "--web.notrack.check-interval", default=30.0, type=parse_duration,
+    add_flag(g, "--web.notrack.check-interval", default=30.0, type=duration(0.1, 86400),
              help="How often to check that the NOTRACK table is still installed (reinstalled if flushed).")
     g = p.add_argument_group("logging")
     add_flag(g, "--log.level", default="info", choices=logs.LEVELS, help="Log level.")

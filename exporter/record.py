@@ -10,31 +10,24 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 from exporter.conntrack.fixtures import Recorder
 from exporter.core import fixtures
 from exporter.core.errors import ExporterError
-from exporter.core.flags import parse_duration, positive_int
+from exporter.core.flags import Parser, duration, int_range
 from exporter.table import fixtures as table_fixtures
 
 PROG = "conntrack-dns-exporter record"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, allow_abbrev=False,
+    p = Parser(prog=PROG, allow_abbrev=False,
                 description="Record the conntrack statistics (and one table dump) of this network namespace "
                             "into a fixture file that the exporter can replay.")
     p.add_argument("out", type=Path, help="Fixture file to write (JSON).")
-    p.add_argument("--samples", type=positive_int, default=1,
+    p.add_argument("--samples", type=int_range(1, 10000), default=1,
                    help="Statistics samples to take (several show counters growing; default 1).")
-    p.add_argument("--interval", type=parse_duration, default=1.0,
+    p.add_argument("--interval", type=duration(0.01, 3600), default=1.0,
                    help="Time between statistics samples (default 1s).")
     p.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                    help="Also record one whole table dump (default on).")

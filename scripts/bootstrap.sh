@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(conntrack nftables iproute2 dnsmasq-base unbound prometheus prometheus-alertmanager chromium
-              prometheus-node-exporter dnsutils libcap2-bin procps util-linux openssl)
+              prometheus-node-exporter dnsutils libcap2-bin procps util-linux openssl
+              gcc libc6-dev musl-tools)  # gcc + musl-tools: the real glibc/musl lookups (tests/support/clookup)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 

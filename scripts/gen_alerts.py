@@ -97,6 +97,18 @@ def _or_zero(metric: str, sel: str, by: str, window: str, requests_sel: str) -> 
             f" or sum by ({by}) (increase(dns_probe_requests_total{{{requests_sel}}}[{window}])) * 0)")
 
 
+ENDPOINT_QUERIES = "dns_probe_endpoint_queries_total"
+ENDPOINT_FAILED = 'result!~"ok|retried|slow"'
+
+
+def _endpoint_failure_ratio(sel: str, by: str, window: str) -> str:
+    """Failed share of the sampled endpoints' queries (issue 17: results only, no per mode/qtype series);
+    0 where every query succeeded (the failure results do not exist then)."""
+    total = f"sum by ({by}) (increase({ENDPOINT_QUERIES}{{{sel}}}[{window}]))"
+    return (f"(sum by ({by}) (increase({ENDPOINT_QUERIES}{{{sel}, {ENDPOINT_FAILED}}}[{window}])) or {total} * 0)\n"
+            f"  / {total}")
+
+
 def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
     """The recording rules and alert definitions, as rule-file groups."""
     s = f'job="{job}"'
@@ -199,38 +211,50 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
                     f" >= {FLEET_MOST})")
     lossy_node = f"({lossy} unless on (job) {coredns_wide})"
     real_failures = f'{s}, reason!="mismatch"'  # mismatch counts stray replies; the answer still came
+    EQ = ENDPOINT_QUERIES
     cluster = f'{s}, zone!="external"'  # cluster names (and series from exporters without the zone label)
     pod_info = (f"max by (job, instance, server, kind, pod) (dns_probe_target_info{{{s}}})")
     with_pod = f"* on (job, instance, server, kind) group_left (pod)\n  {pod_info}"
     not_full = f"unless on (job, instance) {full}"
 
     dns_records = [
-        record(req2, f"sum by ({by_zone}) (increase(dns_probe_requests_total{{{s}}}[{WINDOW}]))"),
+        # Sampled CoreDNS endpoints report results only (dns_probe_endpoint_queries_total, issue 17): each
+        # record reads them as the same requests / failures / retries / slow answers as the other kinds.
+        record(req2, f"sum by ({by_zone}) (increase(dns_probe_requests_total{{{s}}}[{WINDOW}]))\n"
+                     f"or sum by ({by_zone}) (increase({EQ}{{{s}}}[{WINDOW}]))"),
         record(fail2, f"sum by ({by_zone}) (increase(dns_probe_failures_total{{{real_failures}}}[{WINDOW}]))\n"
+                      f"or sum by ({by_zone}) (increase({EQ}{{{s}, {ENDPOINT_FAILED}}}[{WINDOW}]))\n"
                       f"or {req2}{{{s}}} * 0"),
         record(retr2, f"sum by ({by_zone}) (increase(dns_probe_retries_total{{{s}}}[{WINDOW}]))\n"
+                      f'or sum by ({by_zone}) (increase({EQ}{{{s}, result="retried"}}[{WINDOW}]))\n'
                       f"or {req2}{{{s}}} * 0"),
         record(zone_ratio, f"{fail2}{{{s}}} / {req2}{{{s}}}"),
         record(fail_ratio, f"sum without (zone) ({fail2}{{{s}}})\n  / sum without (zone) ({req2}{{{s}}})"),
         # Errors (failures + retransmissions) of cluster names only: external names fail with their upstream.
         record(err_ratio, f"(sum without (zone) ({fail2}{{{cluster}}}) + sum without (zone) ({retr2}{{{cluster}}}))\n"
                           f"  / sum without (zone) ({req2}{{{cluster}}})"),
-        record(fail1, f"sum by ({by_server}) (increase(dns_probe_failures_total{{{real_failures}}}[{RECENT}]))"),
+        record(fail1, f"sum by ({by_server}) (increase(dns_probe_failures_total{{{real_failures}}}[{RECENT}]))\n"
+                      f"or sum by ({by_server}) (increase({EQ}{{{s}, {ENDPOINT_FAILED}}}[{RECENT}]))"),
         record(err1, f"sum by ({by_server}) (increase(dns_probe_retries_total{{{cluster}}}[{RECENT}]))\n"
                      f"+ (sum by ({by_server}) (increase(dns_probe_failures_total{{{cluster}, reason!=\"mismatch\"}}"
                      f"[{RECENT}]))\n"
-                     f"   or sum by ({by_server}) (increase(dns_probe_retries_total{{{cluster}}}[{RECENT}])) * 0)"),
+                     f"   or sum by ({by_server}) (increase(dns_probe_retries_total{{{cluster}}}[{RECENT}])) * 0)\n"
+                     f'or sum by ({by_server}) (increase({EQ}{{{cluster}, result!~"ok|slow"}}[{RECENT}]))'),
         record(slow_ratio,
                f'(sum by ({by_server}) (increase(dns_probe_duration_seconds_bucket{{{s}, le="{ANSWERED_BUCKET_LE}"}}'
                f"[{WINDOW}]))\n"
                f'  - sum by ({by_server}) (increase(dns_probe_duration_seconds_bucket{{{s}, le="{SLOW_BUCKET_LE}"}}'
                f"[{WINDOW}])))\n"
-               f"/ sum by ({by_server}) (increase(dns_probe_duration_seconds_count{{{s}}}[{WINDOW}]))"),
+               f"/ sum by ({by_server}) (increase(dns_probe_duration_seconds_count{{{s}}}[{WINDOW}]))\n"
+               f'or (sum by ({by_server}) (increase({EQ}{{{s}, result="slow"}}[{WINDOW}]))\n'
+               f"    or sum by ({by_server}) (increase({EQ}{{{s}}}[{WINDOW}])) * 0)\n"
+               f"  / sum by ({by_server}) (increase({EQ}{{{s}}}[{WINDOW}]))"),
         record(slow1,
                f'sum by ({by_server}) (increase(dns_probe_duration_seconds_bucket{{{s}, le="{ANSWERED_BUCKET_LE}"}}'
                f"[{RECENT}]))\n"
                f'- sum by ({by_server}) (increase(dns_probe_duration_seconds_bucket{{{s}, le="{SLOW_BUCKET_LE}"}}'
-               f"[{RECENT}]))"),
+               f"[{RECENT}]))\n"
+               f'or sum by ({by_server}) (increase({EQ}{{{s}, result="slow"}}[{RECENT}]))'),
         # Fleet view of each CoreDNS endpoint: its cluster-name failure ratio from every node that probes it
         # (nodes whose own table is full are left out: their failures say nothing about CoreDNS).
         record(ep_ratio, f'(\n  ({zone_ratio}{{{s}, kind="endpoint", zone!="external"}} >= 0)\n'
@@ -393,6 +417,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
         {"name": "conntrack-dns-exporter.conntrack", "rules": table},
         {"name": "conntrack-dns-exporter.dns", "rules": dns_records + dns_alerts},
         {"name": "conntrack-dns-exporter.exporter", "rules": selfmon},
+        {"name": "conntrack-dns-exporter.fleet", "rules": fleet_records(s)},
     ]
 
 
@@ -492,6 +517,41 @@ def alertmanager_config_text() -> str:
              "equal": r["equal"]}
             for r in inhibitions()]},
     })
+
+
+# Fleet aggregation (issue 17) -------------------------------------------------------------------------------
+# Each node probes only a sample of the CoreDNS endpoints, so one node's per-endpoint view is thin; these
+# rules add the fleet up per endpoint across nodes and per node across endpoints. Sums of rates (not
+# ratios) are recorded first so that a Thanos/Mimir ruler can sum them again across shards or clusters;
+# the ratios divide two recorded sums. FLEET_RECORD_LABELS is what the per-endpoint rules keep besides `server`
+# (add `cluster` there when one ruler sees several clusters). See docs/scale.md.
+FLEET_RECORD_LABELS = "job"
+
+
+def fleet_records(s: str) -> list[dict[str, Any]]:
+    q = ENDPOINT_QUERIES
+    node, srv = NODE_LABELS, f"{FLEET_RECORD_LABELS}, server"
+    out: list[dict[str, Any]] = []
+    for level, by in (("node", node), ("server", srv)):
+        out += [
+            {"record": f"{level}:dns_probe_endpoint_queries:rate5m",
+             "expr": f"sum by ({by}) (rate({q}{{{s}}}[5m]))"},
+            {"record": f"{level}:dns_probe_endpoint_failures:rate5m",
+             "expr": f"sum by ({by}) (rate({q}{{{s}, {ENDPOINT_FAILED}}}[5m]))"},
+            {"record": f"{level}:dns_probe_endpoint_retries:rate5m",
+             "expr": f'sum by ({by}) (rate({q}{{{s}, result="retried"}}[5m]))'},
+            {"record": f"{level}:dns_probe_endpoint_failures:ratio_rate5m",
+             "expr": f"(\n  {level}:dns_probe_endpoint_failures:rate5m{{{s}}}\n"
+                     f"  or {level}:dns_probe_endpoint_queries:rate5m{{{s}}} * 0\n)\n"
+                     f"/ {level}:dns_probe_endpoint_queries:rate5m{{{s}}}"},
+        ]
+    out += [
+        {"record": "server_result:dns_probe_endpoint_failures:rate5m",
+         "expr": f"sum by ({srv}, result) (rate({q}{{{s}, {ENDPOINT_FAILED}}}[5m]))"},
+        {"record": "server:dns_probe_endpoint_probing_nodes:count5m",
+         "expr": f"count by ({srv}) (\n  sum by ({srv}, instance, node) (increase({q}{{{s}}}[5m])) > 0\n)"},
+    ]
+    return out
 
 
 _DURATION = re.compile(r"^(\d+)([smh])$")

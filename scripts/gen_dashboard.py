@@ -60,6 +60,13 @@ def failed_or_retried_share(by: str, kind: str) -> str:
             f" / sum by ({by}) (rate(dns_probe_requests_total{sel(k)}[{RATE}]))")
 
 
+def endpoint_failed_or_retried_share(by: str, failed: str = 'result!="ok"') -> str:
+    """The sampled CoreDNS endpoints keep results only (issue 17): not-ok (failed or retried) / all queries."""
+    q, k = "dns_probe_endpoint_queries_total", 'kind="endpoint"'
+    total = f"sum by ({by}) (rate({q}{sel(k)}[{RATE}]))"
+    return f"(sum by ({by}) (rate({q}{sel(k + ', ' + failed)}[{RATE}])) or {total} * 0) / {total}"
+
+
 def p99(by: str, extra: str = "", q: float = 0.99) -> str:
     return f"histogram_quantile({q}, sum by ({by}, le) (rate(dns_probe_duration_seconds_bucket{sel(extra)}[{RATE}])))"
 
@@ -116,12 +123,12 @@ def glance_table() -> Panel:
          column("Insert failed/s", "pps", steps(("green", None), ("orange", 1e-9)), 3)),
         ("D", "Service IP failed/retried", failed_or_retried_share("node", "service"),
          column("Service IP failed/retried", "percentunit", steps(("green", None), ("red", warn_ratio)))),
-        ("E", "Endpoints failed/retried", failed_or_retried_share("node", "endpoint"),
+        ("E", "Endpoints failed/retried", endpoint_failed_or_retried_share("node"),
          column("Endpoints failed/retried", "percentunit", steps(("green", None), ("red", warn_ratio)))),
         ("F", "Service IP p99", p99("node", 'kind="service"'),
          column("Service IP p99", "s", steps(("green", None), ("orange", slow)))),
-        ("G", "Endpoints p99", p99("node", 'kind="endpoint"'),
-         column("Endpoints p99", "s", steps(("green", None), ("orange", slow)))),
+        ("G", "NodeLocal p99", p99("node", 'kind="nodelocal"'),
+         column("NodeLocal p99", "s", steps(("green", None), ("orange", slow)))),
         ("H", "NodeLocal present",
          f"max by (node) (dns_probe_nodelocal_present{sel()}) or max by (node) ({INFO}{sel()}) * 0",
          column("NodeLocal present", "bool_yes_no")),
@@ -133,8 +140,9 @@ def glance_table() -> Panel:
             "One line per node, now: conntrack table usage (orange from "
             f"{gen_alerts.TABLE_WARNING:.0%}, red from {gen_alerts.TABLE_CRITICAL:.0%}), drop and insert_failed "
             "rates (any is bad), the share of DNS probes that failed or were retransmitted through the DNS Service "
-            f"IP versus straight to the endpoints (red above {warn_ratio:.0%}), their p99 (orange above "
-            f"{slow * 1000:.0f} ms), and whether NodeLocal DNSCache answers (no: not configured or down). Service IP "
+            f"IP versus straight to the sampled endpoints (red above {warn_ratio:.0%}), the p99 through the Service "
+            f"IP and NodeLocal (orange above {slow * 1000:.0f} ms), and whether NodeLocal DNSCache answers (no: not "
+            "configured or down). Service IP "
             "red with endpoints green: this node's DNAT/conntrack path, not CoreDNS."),
         "targets": [target(ref, expr, instant=True) for ref, _n, expr, _c in cols],
         "transformations": [
@@ -182,13 +190,14 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
             "(kube-proxy DNAT + conntrack) and straight to each endpoint. Service high while endpoints stay low = "
             "this node's path is broken (DNSServiceIPPathBroken)."), "percentunit", "DNSServiceIPPathBroken",
             [target("A", failed_or_retried_share("node", "service"), "{{node}} service IP"),
-             target("B", failed_or_retried_share("node", "endpoint"), "{{node}} endpoints")], ratio_th, min=0), 8, 8),
-        (timeseries("Service IP vs endpoints: p99 latency", (
-            "Per node: p99 probe duration through the DNS Service IP and straight to the endpoints; 5 s and 10 s "
-            f"plateaus are resolver timeouts. Line at {SLOW_SECONDS * 1000:.0f} ms (DNSProbeSlow)."),
+             target("B", endpoint_failed_or_retried_share("node"), "{{node}} endpoints")], ratio_th, min=0), 8, 8),
+        (timeseries("Service IP vs NodeLocal: p99 latency", (
+            "Per node: p99 probe duration through the DNS Service IP and through NodeLocal DNSCache (the sampled "
+            "CoreDNS endpoints carry no histogram, docs/scale.md); 5 s and 10 s plateaus are resolver timeouts. "
+            f"Line at {SLOW_SECONDS * 1000:.0f} ms (DNSProbeSlow)."),
             "s", "DNSProbeSlow",
             [target("A", p99("node", 'kind="service"'), "{{node}} service IP"),
-             target("B", p99("node", 'kind="endpoint"'), "{{node}} endpoints")], slow_th, min=0), 8, 8),
+             target("B", p99("node", 'kind="nodelocal"'), "{{node}} NodeLocal")], slow_th, min=0), 8, 8),
         (alerts_table(), 8, 8),
     ]
     table = [
@@ -235,7 +244,7 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
     ]
     probes = [
         (timeseries("Probe latency p50 / p99 by node and target kind", (
-            "Per node and target kind (service, endpoint, nodelocal, static). p99 line at "
+            "Per node and target kind (service, nodelocal, static; endpoints carry no histogram). p99 line at "
             f"{SLOW_SECONDS * 1000:.0f} ms (DNSProbeSlow)."), "s", "DNSProbeSlow",
             [target("A", p99("node, kind", q=0.5), "{{node}} {{kind}} p50"),
              target("B", p99("node, kind"), "{{node}} {{kind}} p99")], slow_th, min=0), 12, 8),
@@ -254,7 +263,9 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
             f"Per node and target kind: failed probes / probes. Line at {gen_alerts.PROBE_FAILURE_RATIO:.0%} "
             "(DNSProbeFailures)."), "percentunit", "DNSProbeFailures",
             [target("A", f"{or_zero('dns_probe_failures_total', 'node, kind')} / sum by (node, kind) "
-                         f"(rate(dns_probe_requests_total{sel()}[{RATE}]))", "{{node}} {{kind}}")],
+                         f"(rate(dns_probe_requests_total{sel()}[{RATE}]))", "{{node}} {{kind}}"),
+             target("B", endpoint_failed_or_retried_share("node, kind", 'result!~"ok|retried"'),
+                    "{{node}} {{kind}} (sampled)")],
             ratio_th, min=0), 12, 8),
         (timeseries("Retries and partial pairs", (
             "Per node: retransmitted queries by target kind and mode, and parallel A/AAAA pairs with one half "
@@ -266,6 +277,22 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
              target("B", f"sum by (node, kind) (rate(dns_probe_partial_pairs_total{sel()}[{RATE}])) or sum by "
                          f"(node, kind) (rate(dns_probe_requests_total{sel(PARALLEL)}[{RATE}])) * 0",
                     "{{node}} {{kind}} partial pairs")], min=0), 12, 8),
+        (timeseries("Application lookups by C library and result", (
+            "Per C library (resolver model: glibc, musl, ...): lookups that got every address family (ok), one "
+            "family only (partial: glibc after a lost half) or nothing (failed: EAI_AGAIN). docs/resolvers.md."),
+            "reqps", "DNSProbeFailures",
+            [target("A", f"sum by (node, resolver, result) (rate(dns_probe_lookups_total{sel()}[{RATE}]))",
+                    "{{node}} {{resolver}} {{result}}")], min=0), 12, 8),
+        (timeseries("What applications waited, p50 / p99 by C library", (
+            "Per C library: the wait of an application lookup. glibc's classes are 5, 10, 15 and 20 s after "
+            "losses, musl's 2.5 and 5 s; the buckets separate them."), "s", "DNSProbeSlow",
+            [target("A", f"histogram_quantile(0.5, sum by (node, resolver, le) "
+                         f"(rate(dns_probe_lookup_duration_seconds_bucket{sel()}[{RATE}])))",
+                    "{{node}} {{resolver}} p50"),
+             target("B", f"histogram_quantile(0.99, sum by (node, resolver, le) "
+                         f"(rate(dns_probe_lookup_duration_seconds_bucket{sel()}[{RATE}])))",
+                    "{{node}} {{resolver}} p99")],
+            min=0), 12, 8),
     ]
     exporter = [
         (timeseries("Probe targets", "Per node, the DNS servers probed, by kind (dns_probe_target_info).", "short",

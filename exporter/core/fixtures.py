@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from exporter.core import files
 from exporter.core.errors import ConfigError
+
+MAX_SIZE = 512 * files.MIB  # a full 262,144-entry table dump is about 110 MB of hex
 
 
 class FixtureError(ConfigError):
@@ -29,7 +32,7 @@ class FixtureError(ConfigError):
 def load(path: str | Path, what: str) -> dict[str, Any]:
     """The fixture at `path` as a dict; FixtureError (one line naming `what` and the path) otherwise."""
     try:
-        raw = Path(path).read_bytes()
+        raw, _ = files.read_regular(path, MAX_SIZE)
     except OSError as e:
         raise FixtureError(f"cannot read {what} {path}: {e.strerror}") from None
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import re
 import sys
@@ -29,8 +30,15 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", flag.lstrip("-")).upper()
 
 
+MAX_DURATION = 366 * 86400.0  # no duration flag means more than a year; beyond that is a typo or an attack
+
+
 def parse_duration(text: str) -> float:
-    """Parse a Go-style duration (`5s`, `500ms`, `1m30s`) or a bare number of seconds; > 0 only."""
+    """Parse a Go-style duration (`5s`, `500ms`, `1m30s`) or a bare number of seconds.
+
+    Finite and positive only: `float()` alone would accept `nan`, `inf` and `1e400` (= inf), and a
+    `nan` timeout or interval makes every comparison false (dropped connections, a busy loop).
+    """
     s = text.strip()
     try:
         value = float(s)
@@ -43,8 +51,12 @@ def parse_duration(text: str) -> float:
             pos = m.end()
         if pos != len(s) or not s:
             raise argparse.ArgumentTypeError(f"invalid duration {text!r} (want e.g. 5s, 500ms, 1m)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: not a finite number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
+    if value > MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is out of range (at most 366 days)")
     return value
 
 
@@ -56,6 +68,50 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return value
+
+
+def _fmt_seconds(v: float) -> str:
+    for unit, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
+        if v >= scale and (v / scale) == int(v / scale):
+            return f"{int(v / scale)}{unit}"
+    return f"{v:g}s"
+
+
+class duration:  # lower case: used like a type, `type=duration(0.1, 3600)`
+    """A duration flag type bounded to [lo, hi] seconds; `range` is shown in --help and docs/flags.md."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+        self.range = f"{_fmt_seconds(lo)} to {_fmt_seconds(hi)}"
+        self.__name__ = "duration"
+
+    def __call__(self, text: str) -> float:
+        value = parse_duration(text)
+        if not self.lo <= value <= self.hi:
+            raise argparse.ArgumentTypeError(f"duration {text!r} is out of range ({self.range})")
+        return value
+
+
+class int_range:
+    """An integer flag type bounded to [lo, hi]; `range` is shown in --help and docs/flags.md."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.range = f"{lo} to {hi}"
+        self.__name__ = "integer"
+
+    def __call__(self, text: str) -> int:
+        value = positive_int(text) if self.lo > 0 else _int(text)
+        if not self.lo <= value <= self.hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range ({self.range})")
+        return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def parse_bool(text: str) -> bool:
@@ -163,6 +219,9 @@ def add_flag(
     """
     env = env_name(flag)
     raw = os.environ.get(env)
+    bounds = getattr(type, "range", None)
+    if bounds:
+        help = f"{help} Range: {bounds}."
     shown = show_default(default, _dest(flag))
     kwargs: dict[str, Any] = {"help": f"{help} [default: {shown}; env {env}]" if shown else f"{help} [env {env}]"}
     if action == "bool":
@@ -224,3 +283,17 @@ class _Append(argparse.Action):
         items = [] if current is None or current is self.default else list(current)
         items.append(values)
         setattr(namespace, self.dest, items)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command: errors are one line naming the program and exit 2 (never a usage dump),
+    and a bad environment twin counts only if the command line left that flag unset."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed = super().parse_known_args(args, namespace)
+        check_env(parsed[0])
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import NoReturn
 
 from exporter.core import logs
 from exporter.core.errors import ExporterError
-from exporter.core.flags import add_flag
+from exporter.core.flags import Parser, add_flag
 from exporter.diagnose import checks, report
 from exporter.diagnose.verdict import RUNBOOK_BASE_URL, decide
 from exporter.dns.feature import FEATURE as DNS
@@ -27,14 +26,8 @@ from exporter.kubernetes.feature import FEATURE as KUBERNETES
 PROG = "conntrack-dns-exporter diagnose"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, allow_abbrev=False,
+    p = Parser(prog=PROG, allow_abbrev=False,
                 description="Check this node's DNS path (conntrack, table, every DNS server in every mode, the "
                             "DNS Service's endpoints, resolv.conf, kube-proxy) and name the cause.")
     g = p.add_argument_group("diagnose")

@@ -7,7 +7,11 @@ registry (a Kubernetes rollout replacing endpoints) has no series in the next sc
 
 Emits `dns_probe_duration_seconds`, `dns_probe_requests_total`, `dns_probe_failures_total`,
 `dns_probe_retries_total`, `dns_probe_partial_pairs_total`, `dns_probe_target_info`,
-`dns_probe_nodelocal_present`, `dns_probe_search_queries`, `dns_probe_search_duration_seconds`.
+`dns_probe_nodelocal_present`, `dns_probe_search_queries`, `dns_probe_search_duration_seconds`;
+from the resolver models (`exporter.dns.models`): `dns_probe_lookups_total`,
+`dns_probe_lookup_duration_seconds`; for the race fingerprint: `dns_probe_lone_queries_total`. The
+sampled CoreDNS endpoints get only `dns_probe_endpoint_queries_total` (one series per result) and
+`dns_probe_target_info` (issue 17); `dns_probe_skipped_total` counts rounds a target could not run on time.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from prometheus_client.metrics_core import (
 )
 
 from exporter.discovery.targets import TargetRegistry
-from exporter.dns.store import ProbeStore
+from exporter.dns.store import COMPACT_KINDS, ProbeStore
 
 LABELS = ["server", "kind"]
 
@@ -62,10 +66,34 @@ class DnsProbeCollector:
         info = GaugeMetricFamily(
             "dns_probe_target_info", "Always 1 for every DNS server currently probed; pod names a Kubernetes "
             "endpoint's pod.", labels=[*LABELS, "pod"])
+        lookups = CounterMetricFamily(
+            "dns_probe_lookups",
+            "Application lookups (getaddrinfo A+AAAA) by resolver model and what the application got: ok, "
+            "partial (one address family only) or failed.",
+            labels=[*LABELS, "resolver", "result"])
+        waits = HistogramMetricFamily(
+            "dns_probe_lookup_duration_seconds",
+            "What the application waited for a lookup by this resolver model, failed lookups included.",
+            labels=[*LABELS, "resolver"])
+        lone = CounterMetricFamily(
+            "dns_probe_lone_queries",
+            "UDP probe queries sent with no other query in flight on their socket (sequential mode, the "
+            "re-send of a pair's lost half), answered or lost: the path's plain loss rate.",
+            labels=[*LABELS, "result"])
         nodelocal = GaugeMetricFamily(
             "dns_probe_nodelocal_present",
             "1 if the configured NodeLocal DNSCache address answers (and is probed), 0 if not.",
             labels=["server"])
+
+        endpoint = CounterMetricFamily(
+            "dns_probe_endpoint_queries",
+            "Probe queries to a sampled DNS endpoint, by result: ok, retried (answered after a retransmission) "
+            "or the failure reason; slow: answered on the first transmission after more than 0.5 s.",
+            labels=[*LABELS, "zone", "result"])
+        skipped = CounterMetricFamily(
+            "dns_probe_skipped",
+            "Probe rounds a target could not run on time; reason busy: its previous probe was still running.",
+            labels=[*LABELS, "reason"])
 
         for server, up in sorted(present.items()):
             nodelocal.add_metric([server], 1.0 if up else 0.0)
@@ -77,6 +105,12 @@ class DnsProbeCollector:
             st = stats.get(key)
             if st is None:
                 continue
+            for reason, n in sorted(st.skipped.items()):
+                skipped.add_metric([server, kind, reason], n)
+            if kind in COMPACT_KINDS:  # sampled CoreDNS endpoints: results only (docs/scale.md)
+                for (z, result), n in sorted(st.results.items()):
+                    endpoint.add_metric([server, kind, z, result], n)
+                continue
             for mode, h in sorted(st.histograms.items()):
                 duration.add_metric([server, kind, mode], h.cumulative(), h.total)
             for (mode, qt, z), n in sorted(st.requests.items()):
@@ -87,7 +121,15 @@ class DnsProbeCollector:
                 failures.add_metric([server, kind, mode, qt, z, reason], n)
             for qt, n in sorted(st.partial.items()):
                 partial.add_metric([server, kind, qt], n)
-        yield from (duration, requests, failures, retries, partial, info, nodelocal)
+            if st.partial:
+                for outcome, n in sorted(st.lone.items()):
+                    lone.add_metric([server, kind, outcome], n)
+            for (res, outcome), n in sorted(st.lookups.items()):
+                lookups.add_metric([server, kind, res, outcome], n)
+            for res, h in sorted(st.waits.items()):
+                waits.add_metric([server, kind, res], h.cumulative(), h.total)
+        yield from (duration, requests, failures, retries, partial, lone, lookups, waits, info, nodelocal, endpoint,
+                    skipped)
 
         if search:
             queries = GaugeMetricFamily(

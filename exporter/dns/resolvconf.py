@@ -2,16 +2,27 @@
 
 The walk is what turns `api.example.com` into up to a dozen queries in a pod (ndots:5 and four search
 domains): the probe replays it against the probed server and records how many queries it took.
+
+`load()` is called every probe round but reads the file only when it changed (device, inode, size,
+mtime, ctime), refuses what is not a regular file (a FIFO would block the probe loop) and anything over
+`MAX_SIZE` (glibc's own parser gives up long before: it keeps three nameservers and six search domains).
 """
 
 from __future__ import annotations
 
+import copy
+import errno
 import ipaddress
+import os
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from exporter.core import files
+
 MAXNS = 3       # glibc uses at most three nameservers
 MAXDNSRCH = 6   # ... and at most six search domains (older glibc; newer ones allow more)
+MAX_SIZE = 256 * files.KIB  # kubelet writes a few hundred bytes
 
 
 @dataclass
@@ -24,6 +35,7 @@ class ResolvConf:
     single_request: bool = False
     single_request_reopen: bool = False
     use_vc: bool = False
+    rotate: bool = False
 
     @property
     def mode(self) -> str:
@@ -73,12 +85,59 @@ def parse(text: str) -> ResolvConf:
                     rc.single_request_reopen = True
                 elif name == "use-vc":
                     rc.use_vc = True
+                elif name == "rotate":
+                    rc.rotate = True
     return rc
 
 
+_cache: dict[str, tuple[tuple[int, ...], ResolvConf]] = {}
+_cache_lock = threading.Lock()
+reads = 0  # times a file was actually read and parsed (tests, debugging)
+
+
+def check(path: str) -> str | None:
+    """At start-up: why `path` cannot be used as resolv.conf (a FIFO, a device, a directory, over
+    MAX_SIZE), else None (a missing file may appear later)."""
+    why = files.not_regular(path)
+    if why is None:
+        try:
+            size = os.stat(path).st_size
+        except (OSError, ValueError):
+            return None
+        if size > MAX_SIZE:
+            why = f"is too large ({size} bytes; at most {MAX_SIZE})"
+    return why
+
+
 def load(path: str) -> ResolvConf:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return parse(f.read())
+    """The parsed file; re-read only when it changed. OSError (one-line strerror) when unusable."""
+    global reads
+    try:
+        with _cache_lock:
+            cached = _cache.get(path)
+        if cached is not None:
+            try:
+                if files.stamp(_stat(path)) == cached[0]:
+                    return copy.deepcopy(cached[1])
+            except OSError:
+                pass  # gone or unreadable now: read_regular below says why
+        raw, st = files.read_regular(path, MAX_SIZE)
+    except OSError:
+        with _cache_lock:
+            _cache.pop(path, None)
+        raise
+    conf = parse(raw.decode("utf-8", errors="replace"))
+    with _cache_lock:
+        _cache[path] = (files.stamp(st), conf)
+        reads += 1
+    return copy.deepcopy(conf)
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except ValueError:
+        raise OSError(errno.EINVAL, "invalid path") from None
 
 
 # What one name (A+AAAA pair) came back as: ok, nodata, nxdomain, servfail or error (see ProbeResult.status).

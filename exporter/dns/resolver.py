@@ -1,11 +1,14 @@
-"""Synthetic A/AAAA lookups that behave like the resolvers applications actually use.
+"""Synthetic A/AAAA lookups measured per query (the `mode` probes).
 
-Three modes, each the wire behaviour of a glibc/musl configuration:
+Three modes, each a wire shape the resolvers use, instrumented per query (what was lost, retried,
+answered); what an application waits is the resolver models' job (`exporter.dns.models`):
 - `parallel` (glibc and musl default): A and AAAA sent back to back from ONE UDP socket, so both
   packets share a source port and therefore one conntrack entry; replies are matched by id AND question.
   This is what loses a packet in the conntrack insert race behind kube-proxy's DNAT.
-- `sequential` (`options single-request-reopen`): A, then AAAA from a new socket.
-- `tcp` (`options use-vc`, NodeLocal DNSCache's force_tcp): both queries on one TCP connection.
+- `sequential`: A, then AAAA from a new socket (a per-query reference; glibc's single-request-reopen
+  differs: `glibc-single-request-reopen`).
+- `tcp`: both queries on one TCP connection, with a per-attempt timeout (glibc's use-vc has none:
+  `glibc-use-vc`).
 
 Resolver emulation (glibc `res_send.c`, `send_dg`/`send_vc`):
 - A reply is accepted only if it comes from the server's address and port, carries the id of an
@@ -88,6 +91,8 @@ class ProbeResult:
     mismatches: dict[str, int] = field(default_factory=dict)
     partial_lost: str | None = None  # parallel: the qtype lost on the first attempt while the other came back
     sent: int = 0                    # query messages put on the wire (retransmissions and TCP included)
+    lone_sent: int = 0               # UDP transmissions that went out ALONE on their socket (no pair partner
+    lone_lost: int = 0               # in flight: sequential mode, a parallel probe's re-send of a lost half)
 
     @property
     def ok(self) -> bool:
@@ -142,9 +147,11 @@ def _same_host(a: str, b: str) -> bool:
     return x == y
 
 
-def _parse(data: bytes) -> dns.message.Message | None:
+def parse_reply(data: bytes, require_qr: bool = False) -> dns.message.Message | None:
+    """A DNS message from the wire, or None if it is garbage (or, with `require_qr`, not a response)."""
     try:
-        return dns.message.from_wire(data)
+        msg = dns.message.from_wire(data)
+        return msg if not require_qr or msg.flags & dns.flags.QR else None
     except Exception:
         pass
     # A truncated reply may be cut mid-record; its header and question are still usable.
@@ -172,7 +179,7 @@ class _Exchange:
 
     def match(self, data: bytes) -> tuple[_Query, dns.message.Message] | None:
         """The query this reply answers, or None (counted as a mismatch unless a duplicate)."""
-        msg = _parse(data)
+        msg = parse_reply(data)
         if msg is None or not msg.flags & dns.flags.QR:
             self.mismatch()
             return None
@@ -282,6 +289,12 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
                 answered = [q for q in queries if q.out.first_reply]
                 if len(answered) == 1:
                     result.partial_lost = next(q.qtype for q in queries if not q.out.first_reply)
+            if len(pending) == 1 and not error and (len(queries) == 1 or attempt > 0):
+                # a query with no partner in flight cannot lose the conntrack insert race: its loss rate is
+                # the path's plain loss rate, the reference the race fingerprint compares pairs with
+                result.lone_sent += 1
+                if not pending[0].out.done and not pending[0].via_tcp:
+                    result.lone_lost += 1
             if error:
                 sock.close()
                 sock = None

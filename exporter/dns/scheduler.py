@@ -1,7 +1,7 @@
-"""The probe loop: an asyncio event loop in a background thread that probes every target each interval.
+"""The probe loop: an asyncio event loop in a background thread that probes the targets each interval.
 
 Scrapes never wait for it: results go into a `ProbeStore` that the `dns` collector reads. Each round
-(every `--probe.interval`):
+(every `--probe.interval`, counted on the wall clock from a per-node phase, see `exporter.dns.sampler`):
 - re-decides the resolv.conf fallback: the nameservers of `--probe.resolv-conf` become targets (kind
   `resolvconf`) only while no other origin (static servers, NodeLocal, Kubernetes) provides any; the
   first round waits (bounded) for discovery's "synced" event, so the fallback is not probed just because
@@ -9,9 +9,13 @@ Scrapes never wait for it: results go into a `ProbeStore` that the `dns` collect
   given, resolv.conf targets are probed with the file's own `options timeout:`/`attempts:`;
 - takes the target registry's snapshot, so targets added or removed (a rollout replacing endpoints)
   are picked up within one interval, and forgets the results of removed ones;
+- probes every node-local target (Service IP, NodeLocal, static, resolv.conf) and only
+  `--probe.endpoints-per-round` of the CoreDNS endpoints (kind `endpoint`), chosen by the sampler;
 - starts one task per target, after a random delay of up to a quarter of the interval (jitter, so a
-  node's probes do not go out in a burst); a target whose previous probe is still running (timeouts
-  take `timeout x attempts`) is skipped this round. At most `--probe.concurrency` lookups run at once.
+  node's probes do not go out in a burst). Targets are independent (issue 13): each has its own
+  `--probe.concurrency` lookups in flight at most, so a target that times out only delays itself. A
+  target whose previous probe is still running (timeouts take `timeout x attempts`) is skipped this
+  round and the skip counted (`dns_probe_skipped_total{reason="busy"}`).
 - a `nodelocal` target is first asked one short question; it is probed only while it answers.
 - the search-path probe replays glibc's search-list walk for each `--probe.search-name`.
 """
@@ -28,9 +32,10 @@ from dataclasses import dataclass
 from exporter.core import logs
 from exporter.discovery import SYNC_TIMEOUT, Discovery
 from exporter.discovery.targets import Target
-from exporter.dns import resolvconf
+from exporter.dns import models, resolvconf
 from exporter.dns.resolver import ProbeResult, lookup
-from exporter.dns.store import ProbeStore
+from exporter.dns.sampler import EndpointSampler
+from exporter.dns.store import COMPACT_KINDS, ProbeStore
 
 log = logs.get("probes")
 
@@ -41,16 +46,19 @@ RESOLVCONF = "resolvconf"
 class ProbeConfig:
     names: tuple[str, ...] = ("kubernetes.default.svc.cluster.local.",)
     modes: tuple[str, ...] = ("parallel", "tcp")
+    resolvers: tuple[str, ...] = models.DEFAULT_RESOLVERS  # application lookups (exporter.dns.models)
     timeout: float = 5.0
     attempts: int = 2
     interval: float = 5.0
-    concurrency: int = 8
+    concurrency: int = 8  # per target
     resolv_conf: str = "/etc/resolv.conf"
     search_names: tuple[str, ...] = ()
     search_port: int = 53  # resolv.conf cannot name a port; tests point this at their own server
     jitter: float = 0.25  # fraction of the interval
     resolv_timeout: bool = False  # resolv.conf targets use the file's options timeout (flag not given)
     resolv_attempts: bool = False  # ... and its options attempts
+    endpoints_per_round: int = 2  # CoreDNS endpoints (kind endpoint) probed per round
+    node: str = ""  # node name: seeds the endpoint sampler
 
 
 class ProbeService:
@@ -70,6 +78,10 @@ class ProbeService:
         self._resolv_error: str | None = None
         self._resolv_options: tuple[float, int] = (config.timeout, config.attempts)
         self._state: dict[tuple[str, str, str, str], str] = {}  # last failure summary per probe, for logs
+        self._sems: dict[object, asyncio.Semaphore] = {}  # per target (or search name): issue 13
+        self.sampler = EndpointSampler(config.node, config.endpoints_per_round)
+        self._glibc: dict[tuple[str, str, str], models.GlibcState] = {}  # glibc-sticky: one "process" per probe
+        self._rotate = False  # resolv.conf targets: the file's options rotate
         self.rounds = 0
 
     # Service -------------------------------------------------------------------------------------
@@ -96,40 +108,65 @@ class ProbeService:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        sem = asyncio.Semaphore(self.config.concurrency)
         running: dict[object, asyncio.Task[None]] = {}
         deadline = time.monotonic() + SYNC_TIMEOUT
         while not self.discovery.synced and not self._stopping.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        interval = self.config.interval
+        last: int | None = None
         try:
             while not self._stopping.is_set():
-                self.round(sem, running)
+                r = self.sampler.round_at(time.time(), interval)
+                if last is not None and r <= last:  # woke early, or the clock stepped back
+                    r = last + 1
+                self.round(running, r)
+                last = r
                 self.rounds += 1
+                delay = min(max(self.sampler.round_start(r + 1, interval) - time.time(), 0.0), interval)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.interval)
+                    await asyncio.wait_for(self._wake.wait(), delay)
         finally:
             for task in running.values():
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
 
-    def round(self, sem: asyncio.Semaphore, running: dict[object, asyncio.Task[None]]) -> None:
+    def _sem(self, key: object) -> asyncio.Semaphore:
+        sem = self._sems.get(key)
+        if sem is None:
+            sem = self._sems[key] = asyncio.Semaphore(self.config.concurrency)
+        return sem
+
+    def round(self, running: dict[object, asyncio.Task[None]], round_: int = 0) -> None:
         self._refresh_resolvconf()
         snapshot = self.targets.snapshot()
         live = {(t.server, t.kind) for t in snapshot}
         self.store.retain(live)
         self._state = {k: v for k, v in self._state.items() if (k[0], k[1]) in live}
+        self._glibc = {k: v for k, v in self._glibc.items() if (k[0], k[1]) in live}
         for key in [k for k, task in running.items() if task.done()]:
             del running[key]
+        self._sems = {k: v for k, v in self._sems.items() if k in running or k in snapshot}
+        chosen = set(self.sampler.choose([t for t in snapshot if t.kind == "endpoint"], round_))
         for t in snapshot:
-            if t in running:
-                continue
+            key = (t.server, t.kind)
             if t.kind != "nodelocal":
-                self.store.ensure((t.server, t.kind), self.config.modes)
-            running[t] = asyncio.create_task(self._probe_target(t, sem), name=f"probe {t.server}")
+                self.store.ensure(key, self.config.modes, self.config.resolvers)
+            if t.kind == "endpoint" and t not in chosen:
+                continue
+            if t in running:
+                self.store.skip(key, "busy")
+            else:
+                running[t] = asyncio.create_task(self._probe_target(t, self._sem(t)), name=f"probe {t.server}")
+            # own tasks: a glibc lookup may wait 20 s, it must not hold the mode probes back. Not for the sampled
+            # endpoints: what an application waits is a node-local path's question (docs/scale.md).
+            for res in (() if t.kind in COMPACT_KINDS else self.config.resolvers):
+                if (t, res) not in running:
+                    running[(t, res)] = asyncio.create_task(self._probe_resolver(t, res, self._sem(t)),
+                                                            name=f"{res} {t.server}")
         for name in self.config.search_names:
             key = ("search", name)
             if key not in running:
-                running[key] = asyncio.create_task(self._probe_search(name, sem), name=f"search {name}")
+                running[key] = asyncio.create_task(self._probe_search(name, self._sem(key)), name=f"search {name}")
 
     def _configured_elsewhere(self) -> bool:
         return any(o != RESOLVCONF for o in self.targets.origins())
@@ -147,6 +184,7 @@ class ProbeService:
             if error:
                 log.warning("no probe targets: %s", error)
             self._resolv_error = error
+        self._rotate = conf.rotate
         self._resolv_options = (conf.timeout if self.config.resolv_timeout else self.config.timeout,
                                 conf.attempts if self.config.resolv_attempts else self.config.attempts)
         self.targets.set(RESOLVCONF, [Target(ns, 53, RESOLVCONF) for ns in conf.nameservers])
@@ -178,8 +216,27 @@ class ProbeService:
                             extra={"kv": {"server": t.server}})
             if not present:
                 return
-            self.store.ensure(key, self.config.modes)
+            self.store.ensure(key, self.config.modes, self.config.resolvers)
         await asyncio.gather(*(self._probe_mode(t, key, mode, sem) for mode in self.config.modes))
+
+    async def _probe_resolver(self, t: Target, resolver: str, sem: asyncio.Semaphore) -> None:
+        await self._jitter()
+        key = (t.server, t.kind)
+        if t.kind == "nodelocal" and not self.store.is_present(t.server):
+            return
+        timeout, attempts = (self._resolv_options if t.kind == RESOLVCONF
+                             else (self.config.timeout, self.config.attempts))
+        options = models.ResolverOptions(timeout=timeout, attempts=attempts,
+                                         rotate=self._rotate and t.kind == RESOLVCONF)
+        state = None
+        if models.model(resolver).sticky:
+            state = self._glibc.setdefault((t.server, t.kind, resolver), models.GlibcState())
+        for name in self.config.names:
+            async with sem:
+                r = await models.run(resolver, [(t.host, t.port)], name, options, state)
+            log.debug("lookup", extra={"kv": {"server": t.server, "kind": t.kind, "resolver": resolver,
+                                              "name": name, "result": r.result, "seconds": f"{r.duration:.6f}"}})
+            self.store.record_lookup(key, r)
 
     async def _probe_mode(self, t: Target, key: tuple[str, str], mode: str, sem: asyncio.Semaphore) -> None:
         for name in self.config.names:

@@ -16,6 +16,7 @@ import bisect
 import threading
 from dataclasses import dataclass, field
 
+from exporter.dns.models import RESULTS, Lookup
 from exporter.dns.resolver import QTYPES, ProbeResult
 
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
@@ -33,21 +34,44 @@ def zone_of(name: str, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
 # above 10 s (le=15). No bound sits exactly on 5 or 10: the plateaus are slightly above them.
 BUCKETS = (0.0005, 0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0)
 
+# What an application waited (resolver models): glibc's waits are multiples of the timeout (5 s) plus
+# round trips; musl resends at 2.5 s and gives up at 5 s; glibc use-vc can hang for the kernel's SYN
+# retries. Each class sits between two bounds: < 1 s, ~2.5 s (1-3.75), ~5 (3.75-7.5), ~10 (7.5-12.5),
+# ~15 (12.5-17.5), ~20 (17.5-25), a TCP hang (25-140).
+LOOKUP_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1.0, 3.75, 7.5, 12.5, 17.5, 25.0, 140.0)
+
 TargetKey = tuple[str, str]  # (server label, kind)
+
+COMPACT_KINDS = ("endpoint",)  # kinds recorded as results only (dns_probe_endpoint_queries_total)
+# A compact kind has no histogram: an answer on the first transmission slower than this counts as result
+# `slow` instead of `ok`, so a slow CoreDNS pod can still be named (the alerts' 500 ms, the field's p99).
+SLOW_ANSWER_SECONDS = 0.5
+
+
+def result_of(reason: str | None, attempt: int) -> str:
+    """A query's result for the compact counters: ok, retried (answered after a retransmission) or the reason."""
+    if reason is None:
+        return "retried" if attempt > 0 else "ok"
+    return reason
 
 
 @dataclass
 class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     total: float = 0.0
+    bounds: tuple[float, ...] = BUCKETS
+
+    @classmethod
+    def with_bounds(cls, bounds: tuple[float, ...]) -> Histogram:
+        return cls([0] * (len(bounds) + 1), 0.0, bounds)
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def cumulative(self) -> list[tuple[str, float]]:
         out, acc = [], 0
-        for bound, n in zip((*(str(b) for b in BUCKETS), "+Inf"), self.counts, strict=True):
+        for bound, n in zip((*(str(b) for b in self.bounds), "+Inf"), self.counts, strict=True):
             acc += n
             out.append((bound, float(acc)))
         return out
@@ -60,6 +84,11 @@ class TargetStats:
     retries: dict[tuple[str, str, str], int] = field(default_factory=dict)      # (mode, qtype, zone)
     failures: dict[tuple[str, str, str, str], int] = field(default_factory=dict)  # (mode, qtype, zone, reason)
     partial: dict[str, int] = field(default_factory=dict)                       # lost qtype (parallel only)
+    results: dict[tuple[str, str], int] = field(default_factory=dict)           # (zone, result) (compact kinds)
+    skipped: dict[str, int] = field(default_factory=dict)                       # reason
+    lone: dict[str, int] = field(default_factory=lambda: {"answered": 0, "lost": 0})  # lone UDP sends
+    lookups: dict[tuple[str, str], int] = field(default_factory=dict)           # (resolver, result)
+    waits: dict[str, Histogram] = field(default_factory=dict)                   # resolver
 
 
 @dataclass
@@ -79,12 +108,17 @@ class ProbeStore:
         self._present: dict[str, bool] = {}        # nodelocal server -> answering
         self._search: dict[str, SearchStats] = {}  # search-probe name -> last walk
 
-    def ensure(self, key: TargetKey, modes: tuple[str, ...]) -> None:
+    def ensure(self, key: TargetKey, modes: tuple[str, ...], resolvers: tuple[str, ...] = ()) -> None:
         """Create a target's series at zero, so rate() works from its first failure."""
         with self._lock:
             if key in self._targets:
                 return
             st = TargetStats()
+            self._targets[key] = st
+            for res in resolvers:
+                st.waits[res] = Histogram.with_bounds(LOOKUP_BUCKETS)
+                for outcome in RESULTS:
+                    st.lookups[(res, outcome)] = 0
             for mode in modes:
                 st.histograms[mode] = Histogram()
                 for qt in QTYPES:
@@ -94,7 +128,6 @@ class ProbeStore:
                 if mode == "parallel":
                     for qt in QTYPES:
                         st.partial[qt] = 0
-            self._targets[key] = st
 
     def record(self, key: TargetKey, result: ProbeResult, name: str | None = None) -> None:
         """Add one lookup of `name` (counted in its zone; without a name, in the first configured zone)."""
@@ -104,6 +137,12 @@ class ProbeStore:
             st = self._targets.get(key)
             if st is None:
                 return
+            if key[1] in COMPACT_KINDS:
+                for out in result.outcomes.values():
+                    r = result_of(out.reason, out.attempt)
+                    if r == "ok" and result.duration > SLOW_ANSWER_SECONDS:
+                        r = "slow"
+                    st.results[(z, r)] = st.results.get((z, r), 0) + 1
             st.histograms.setdefault(mode, Histogram()).observe(result.duration)
             for qt, out in result.outcomes.items():
                 st.requests[(mode, qt, z)] = st.requests.get((mode, qt, z), 0) + 1
@@ -118,6 +157,25 @@ class ProbeStore:
                 st.failures[k] = st.failures.get(k, 0) + n
             if mode == "parallel" and result.partial_lost is not None:
                 st.partial[result.partial_lost] = st.partial.get(result.partial_lost, 0) + 1
+            st.lone["answered"] += result.lone_sent - result.lone_lost
+            st.lone["lost"] += result.lone_lost
+
+    def record_lookup(self, key: TargetKey, lookup: Lookup) -> None:
+        """One resolver model's lookup: the application's result and wait."""
+        with self._lock:
+            st = self._targets.get(key)
+            if st is None:
+                return
+            k = (lookup.resolver, lookup.result)
+            st.lookups[k] = st.lookups.get(k, 0) + 1
+            st.waits.setdefault(lookup.resolver, Histogram.with_bounds(LOOKUP_BUCKETS)).observe(lookup.duration)
+
+    def skip(self, key: TargetKey, reason: str) -> None:
+        """Count a round in which this target could not be probed (reason `busy`: its last probe still runs)."""
+        with self._lock:
+            st = self._targets.get(key)
+            if st is not None:
+                st.skipped[reason] = st.skipped.get(reason, 0) + 1
 
     def set_present(self, server: str, present: bool) -> bool:
         """Record whether a nodelocal server answers; returns True when that changed."""
@@ -125,6 +183,10 @@ class ProbeStore:
             changed = self._present.get(server) != present
             self._present[server] = present
             return changed
+
+    def is_present(self, server: str) -> bool:
+        with self._lock:
+            return self._present.get(server, False)
 
     def record_search(self, name: str, queries: int, duration: float) -> None:
         with self._lock:
@@ -144,8 +206,10 @@ class ProbeStore:
         with self._lock:
             targets = {
                 k: TargetStats(
-                    {m: Histogram(list(h.counts), h.total) for m, h in st.histograms.items()},
+                    {m: Histogram(list(h.counts), h.total, h.bounds) for m, h in st.histograms.items()},
                     dict(st.requests), dict(st.retries), dict(st.failures), dict(st.partial),
+                    dict(st.results), dict(st.skipped), dict(st.lone), dict(st.lookups),
+                    {r: Histogram(list(h.counts), h.total, h.bounds) for r, h in st.waits.items()},
                 )
                 for k, st in self._targets.items()
             }

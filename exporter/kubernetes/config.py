@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from exporter.core import files
+
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 IN_CLUSTER_TOKEN = f"{SA_DIR}/token"
 IN_CLUSTER_CA = f"{SA_DIR}/ca.crt"
@@ -25,6 +27,11 @@ def load_configuration(kubeconfig: str | None, in_cluster: bool) -> Any:
     from kubernetes.config.incluster_config import InClusterConfigLoader
 
     cfg = client.Configuration()
+    if not in_cluster:  # a FIFO in KUBECONFIG would block the start with no output
+        for path in filter(None, (kubeconfig or os.environ.get("KUBECONFIG") or "").split(os.pathsep)):
+            why = files.not_regular(path)
+            if why:
+                raise ValueError(f"cannot load Kubernetes configuration from kubeconfig {path}: {why}")
     try:
         if in_cluster:
             # The projected token rotates: the loader re-reads it before it expires.

@@ -9,10 +9,10 @@ import argparse
 import os
 import re
 
-from exporter.core import logs
+from exporter.core import files, logs
 from exporter.core.errors import ConfigError
 from exporter.core.feature import AppContext, Built, Feature
-from exporter.core.flags import add_flag, parse_duration
+from exporter.core.flags import add_flag, duration
 from exporter.kubernetes.client import Timeouts
 from exporter.kubernetes.collector import KubernetesCollector
 from exporter.kubernetes.config import in_cluster_available, load_configuration
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--kubernetes.node-name", default=os.environ.get("NODE_NAME", "").strip(), type=node_name,
              metavar="NODE", help="This node's name, to watch the pods on it (default: env NODE_NAME, set from "
                                   "the downward API; argparse checks that default too). Empty: no pod map.")
-    add_flag(g, "--kubernetes.max-backoff", default=30.0, type=parse_duration,
+    add_flag(g, "--kubernetes.max-backoff", default=30.0, type=duration(0.1, 3600),
              help="Longest wait between retries when the API server fails (backoff doubles up to it, with jitter).")
 
 
@@ -66,7 +66,8 @@ def resolve(args: argparse.Namespace) -> tuple[str | None, bool] | None:
         return None
     if args.kubernetes_kubeconfig:
         if not os.path.isfile(args.kubernetes_kubeconfig):
-            raise ConfigError(f"--kubernetes.kubeconfig: no such file: {args.kubernetes_kubeconfig}")
+            why = files.not_regular(args.kubernetes_kubeconfig) or "no such file"
+            raise ConfigError(f"--kubernetes.kubeconfig {args.kubernetes_kubeconfig}: {why}")
         return args.kubernetes_kubeconfig, False
     if in_cluster_available():
         return None, True

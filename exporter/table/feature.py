@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from exporter.core.feature import AppContext, Built, Feature
-from exporter.core.flags import add_flag, parse_duration, positive_int
+from exporter.core.flags import add_flag, duration, int_range
 from exporter.table.collector import TableCollector
 from exporter.table.fixtures import fixture_socket_factory, load_fixture
 from exporter.table.scan import Scanner
@@ -22,11 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--collector.table", default=True, action="bool",
              help="Scan the whole conntrack table in the background and break it down by state, DNS, "
                   "stale DNS and source pod.")
-    add_flag(g, "--collector.table.interval", default=60.0, type=parse_duration,
+    add_flag(g, "--collector.table.interval", default=60.0, type=duration(0.1, 86400),
              help="Time between the end of one table scan and the start of the next.")
-    add_flag(g, "--collector.table.top-sources", default=10, type=positive_int,
+    add_flag(g, "--collector.table.top-sources", default=10, type=int_range(1, 1000),
              help="Pods reported by conntrack_table_top_sources (the rest are summed into pod=\"other\").")
-    add_flag(g, "--collector.table.max-duration", default=20.0, type=parse_duration,
+    add_flag(g, "--collector.table.max-duration", default=20.0, type=duration(0.01, 3600),
              help="Cut a table scan short after this long (it is then reported partial).")
     add_flag(g, "--collector.table.fixtures", default=None, metavar="PATH",
              help="Replay a recorded table dump from this JSON file instead of asking the kernel.")

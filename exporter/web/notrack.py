@@ -5,8 +5,13 @@ At start the exporter installs an nftables table of its own, in one atomic `nft 
 
     table inet conntrack_dns_exporter_notrack {
       chain prerouting { type filter hook prerouting priority raw; policy accept; tcp dport PORT notrack }
-      chain output     { type filter hook output priority raw; policy accept; tcp sport PORT notrack }
+      chain output     { type filter hook output priority raw; policy accept; tcp sport PORT notrack
+                         fib daddr type local tcp dport PORT notrack }
     }
+
+The second output rule covers a scraper on the node itself (127.0.0.1, the node's own addresses): its
+SYN is created locally, so conntrack sees it in `output`, never in `prerouting`; `fib daddr type local`
+keeps the node's outgoing connections to port PORT elsewhere (other nodes' exporters) tracked.
 
 The transaction first declares and deletes the table, so a table left over by a crashed (SIGKILLed)
 exporter is replaced, never duplicated; the table is deleted again on SIGTERM/SIGINT and normal exit.
@@ -55,6 +60,7 @@ def ruleset(port: int) -> str:
         "  chain output {\n"
         "    type filter hook output priority raw; policy accept;\n"
         f"    tcp sport {port} notrack\n"
+        f"    fib daddr type local tcp dport {port} notrack\n"
         "  }\n"
         "}\n"
     )

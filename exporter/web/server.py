@@ -10,18 +10,20 @@ connection, whose conntrack entry already exists (`--web.notrack` covers new con
 
 Every connection is served on its own thread, so a slow or silent client never delays other scrapes, and
 collection never waits for a probe (probes run in the background and only publish results). Threads are
-bounded: at `--web.max-connections` open connections a new one is closed at once (logged, counted). A
-connection must send its first request within `--web.read-timeout`, and an idle keep-alive connection is
-closed after `--web.idle-timeout` (longer than any scrape interval, so Prometheus's connection survives).
+bounded by `--web.max-connections`; requests must be complete within `--web.read-timeout`, idle keep-alive
+connections last `--web.idle-timeout`, and at the limit a new connection takes the slot of the slowest or
+longest-idle one, so kubelet's probes and Prometheus are served during a slowloris attack (slots.py).
 TLS handshakes happen on the connection's thread, never in the accept loop. With `--web.config.file`
 (TLS, basic auth; see exporter/webconfig.py) every path needs credentials except `/`, `/-/healthy` and
 `/-/ready`, which kubelet probes must reach without them.
 
 Metrics: `conntrack_dns_exporter_web_connections` (gauge, open connections),
-`conntrack_dns_exporter_web_connections_rejected_total` (over the limit),
+`conntrack_dns_exporter_web_connections_rejected_total` (over the limit), `..._evicted_total{state}`,
+`conntrack_dns_exporter_web_request_timeouts_total`,
 `conntrack_dns_exporter_web_tls_handshake_errors_total`, `conntrack_dns_exporter_web_auth_failures_total`,
 `conntrack_dns_exporter_web_scrapes_total`, `conntrack_dns_exporter_web_scrapes_shared_total` (scrapes that
-arrived while another rendered the registry and shared its result).
+arrived while another rendered the registry and shared its result), with TLS the certificate's dates
+(certinfo.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import binascii
 import contextlib
 import gzip
 import html
+import io
 import socket
 import ssl
 import threading
@@ -46,21 +49,14 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.core import logs
+from exporter.web import certinfo, slots
+from exporter.web.slots import Conn
 from exporter.web.webconfig import WebConfig, WebConfigError
 
 log = logs.get("web")
 
 PUBLIC_PATHS = frozenset({"/-/healthy", "/-/ready"})  # kubelet probes; "/" only with landing_public
 REJECT_LOG_INTERVAL = 10.0
-
-
-class _Conn:
-    """One accepted connection; `sock` becomes the TLS socket after the handshake."""
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
 
 
 class _Flight:
@@ -153,10 +149,11 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self._web_config = web_config
         self.ready = threading.Event()
-        self._conns: set[_Conn] = set()
+        self._conns: set[Conn] = set()
         self._lock = threading.Lock()
         self._closing = False
         self.rejected = 0
+        self.evictions = slots.Evictions(max_connections)
         self.tls_errors = 0
         self.auth_failures = 0
         self._rejected_logged = 0
@@ -187,6 +184,12 @@ class ExporterHTTPServer(ThreadingHTTPServer):
             self._web_config = new
         return new
 
+    def reload_web_config(self) -> None:
+        """SIGHUP: re-read --web.config.file now, even if it looks unchanged (a broken one is kept out)."""
+        cfg = self._web_config
+        if cfg is not None:
+            self._web_config = cfg.reloaded(force=True)
+
     @property
     def port(self) -> int:
         return int(self.server_address[1])
@@ -202,11 +205,20 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         # 40 ms to a scrape.
         with contextlib.suppress(OSError):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(request)
+        conn = Conn(request, self.read_timeout)
+        evict: Conn | None = None
         with self._lock:
             full = self._closing or len(self._conns) >= self.max_connections
+            if full and not self._closing:
+                evict = slots.victim(self._conns)
+                if evict is not None:
+                    evict.evicted = True
+                    self._conns.discard(evict)
+                    full = False
             if not full:
                 self._conns.add(conn)
+        if evict is not None:
+            self.evictions.close(evict)
         if full:
             self._reject(request)
             return
@@ -232,12 +244,12 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                         self.max_connections, n)
         self.shutdown_request(request)
 
-    def _serve_conn(self, conn: _Conn, client_address: Any) -> None:
+    def _serve_conn(self, conn: Conn, client_address: Any) -> None:
         try:
             tls = self.web_config is not None and self.web_config.tls is not None
             if tls and not self._handshake(conn):
                 return
-            self.finish_request(conn.sock, client_address)
+            _Handler(conn.sock, client_address, self, conn)
         except Exception as e:  # one line, never a traceback on stderr or in a response
             log.debug("connection from %s failed: %s: %s", client_address, type(e).__name__, e)
         finally:
@@ -245,7 +257,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                 self._conns.discard(conn)
             self.shutdown_request(conn.sock)
 
-    def _handshake(self, conn: _Conn) -> bool:
+    def _handshake(self, conn: Conn) -> bool:
         assert self.web_config is not None
         try:
             ctx = self.web_config.ssl_context()
@@ -253,16 +265,13 @@ class ExporterHTTPServer(ThreadingHTTPServer):
             log.error("%s", e)
             return False
         assert ctx is not None
-        raw = conn.sock
-        raw.settimeout(self.read_timeout)
         try:
-            tls_sock = ctx.wrap_socket(raw, server_side=True)
-        except (OSError, ssl.SSLError) as e:
+            slots.handshake(conn, ctx)
+        except (OSError, ssl.SSLError, ValueError) as e:
             with self._lock:
                 self.tls_errors += 1
             log.debug("TLS handshake failed: %s", e)
             return False
-        conn.sock = tls_sock
         return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -300,6 +309,17 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         a = CounterMetricFamily("conntrack_dns_exporter_web_auth_failures",
                                 "Requests refused with 401: missing or wrong basic-auth credentials.")
         a.add_metric([], auth)
+        evicted, timeouts = self.evictions.counts()
+        ev = CounterMetricFamily("conntrack_dns_exporter_web_connections_evicted",
+                                 "Connections closed to give their slot to a new one while --web.max-connections "
+                                 "were open, by the state they were in (reading a request, idle keep-alive).",
+                                 labels=["state"])
+        for state in (slots.READING, slots.IDLE):
+            ev.add_metric([state], evicted.get(state, 0))
+        rt = CounterMetricFamily("conntrack_dns_exporter_web_request_timeouts",
+                                 "Requests closed because their line and headers were not complete within "
+                                 "--web.read-timeout (slow or silent clients).")
+        rt.add_metric([], timeouts)
         renders, shared = self.exposition.counts()
         sc = CounterMetricFamily("conntrack_dns_exporter_web_scrapes",
                                  "Metrics requests answered (with status 200 or 500).")
@@ -307,7 +327,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         sh = CounterMetricFamily("conntrack_dns_exporter_web_scrapes_shared",
                                  "Metrics requests answered with a rendering another simultaneous request started.")
         sh.add_metric([], shared)
-        out: list[Metric] = [g, lim, r, t, a, sc, sh]
+        out: list[Metric] = [g, lim, r, t, a, sc, sh, ev, rt]
         cfg = self.web_config
         if cfg is not None:
             ok = GaugeMetricFamily("conntrack_dns_exporter_web_config_last_reload_successful",
@@ -315,6 +335,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                                    "it did not and the previous configuration is still in use.")
             ok.add_metric([], 1.0 if cfg.reload_ok else 0.0)
             out.append(ok)
+            out += certinfo.families(cfg.cert_period)
         return out
 
     def describe(self) -> list[Metric]:
@@ -327,18 +348,38 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"conntrack-dns-exporter/{__version__}"
     sys_version = ""
 
+    def __init__(self, request: socket.socket, client_address: Any, server: ExporterHTTPServer,
+                 conn: Conn | None = None) -> None:
+        self.conn = conn if conn is not None else Conn(request, server.read_timeout)
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
-        # A fresh connection must send its request within the read timeout (a client that connects and
-        # sends nothing frees its slot quickly); between keep-alive requests the idle timeout applies.
-        self.request.settimeout(self.server.read_timeout)
+        # Reads go through the request deadline (slots.DeadlineReader): a request must be complete within
+        # the read timeout however slowly it trickles in; between keep-alive requests the idle timeout applies.
         super().setup()
+        self.rfile.close()
+        self._reader = slots.DeadlineReader(self.conn, self.server.read_timeout, self.server.idle_timeout)
+        self.rfile = io.BufferedReader(self._reader)
         if not self.server.keepalive:
             self.protocol_version = "HTTP/1.0"
 
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.conn.request_parsed()
+        with contextlib.suppress(OSError):  # writing the response: each send may wait this long
+            self.request.settimeout(self.server.read_timeout)
+        return ok
+
     def handle_one_request(self) -> None:
-        super().handle_one_request()
-        with contextlib.suppress(OSError):
-            self.request.settimeout(self.server.idle_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            if self._reader.timed_out:
+                self._reader.timed_out = False
+                self.server.evictions.count_timeout()
+                self.close_connection = True
+        if self.conn.state == slots.BUSY:
+            self.conn.response_sent()
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)

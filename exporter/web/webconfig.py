@@ -50,7 +50,8 @@ from typing import Any
 import bcrypt
 import yaml
 
-from exporter.core import logs
+from exporter.core import files, logs
+from exporter.web import certinfo
 
 log = logs.get("web")
 
@@ -79,6 +80,7 @@ _IGNORED = {
 }
 _AUTH_CACHE_MAX = 1024
 _BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+MAX_SIZE = files.MIB  # a web config is a few hundred bytes; a bigger "file" is a mistake (or /dev/zero)
 
 
 class WebConfigError(Exception):
@@ -107,25 +109,28 @@ class WebConfig:
     _auth_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     _auth_ok: dict[bytes, None] = field(default_factory=dict, repr=False)
     _dummy: bytes = field(default=b"", repr=False)
+    cert_period: tuple[float, float] | None = field(default=None, repr=False)  # (notBefore, notAfter)
+    _cert_warned: bool = field(default=False, repr=False)
     _file_stamp: tuple[int, ...] | None = field(default=None, repr=False)
     _successor: WebConfig | None = field(default=None, repr=False)
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     reload_ok: bool = True
 
     # --- reload ------------------------------------------------------------------------------------------
-    def reloaded(self) -> WebConfig:
+    def reloaded(self, force: bool = False) -> WebConfig:
         """The configuration to use now: this one, or the file's new content if it changed and loads.
 
-        A broken new file keeps this configuration (one warning per change, `reload_ok` false)."""
+        `force` (SIGHUP) re-reads the file even if it looks unchanged. A broken new file keeps this
+        configuration (one warning per change, `reload_ok` false)."""
         if self._successor is not None:
-            return self._successor.reloaded()
+            return self._successor.reloaded(force)
         stamp = _file_stamp(self.path)
-        if stamp == self._file_stamp:
+        if stamp == self._file_stamp and not force:
             return self
         with self._reload_lock:
             if self._successor is not None:
-                return self._successor.reloaded()
-            if stamp == self._file_stamp:
+                return self._successor.reloaded(force)
+            if stamp == self._file_stamp and not force:
                 return self
             try:
                 new = load(self.path)
@@ -133,7 +138,7 @@ class WebConfig:
                 log.warning("keeping the previous web config: %s", e)
                 self._file_stamp, self.reload_ok = stamp, False
                 return self
-            log.info("web config %s changed; reloaded", self.path)
+            log.info("web config %s %s", self.path, "reloaded (SIGHUP)" if force else "changed; reloaded")
             self._successor = new
             return new
 
@@ -149,6 +154,7 @@ class WebConfig:
         stamp = _stamp(self.tls)
         with self._lock:
             if self._ctx is not None and stamp == self._stamp:
+                self._check_validity()
                 return self._ctx
             try:
                 ctx = build_ssl_context(self.tls)
@@ -161,7 +167,24 @@ class WebConfig:
             if self._ctx is not None:
                 log.info("TLS certificate files changed; reloaded")
             self._ctx, self._stamp = ctx, stamp
+            try:
+                self.cert_period = certinfo.read_validity(self.tls.cert_file)
+            except certinfo.CertInfoError as e:
+                self.cert_period = None
+                log.warning("cannot read the validity of %s: %s", self.tls.cert_file, e)
+            self._cert_warned = False
+            self._check_validity()
             return ctx
+
+    def _check_validity(self) -> None:
+        """Log once per certificate when it is expired or not valid yet (Python's TLS serves it anyway)."""
+        if self.cert_period is None or self._cert_warned or self.tls is None:
+            return
+        why = certinfo.problem(*self.cert_period)
+        if why:
+            self._cert_warned = True
+            log.warning("serving TLS certificate %s is %s; clients that verify it will fail",
+                        self.tls.cert_file, why)
 
     # --- basic auth ------------------------------------------------------------------------------------
     @property
@@ -196,7 +219,7 @@ def _stamp(tls: TLSSettings) -> tuple[float, ...]:
         try:
             st = p.stat()
             out += [st.st_mtime, float(st.st_size), float(st.st_ino)]
-        except OSError:
+        except (OSError, ValueError):
             out.append(-1.0)
     return tuple(out)
 
@@ -206,15 +229,19 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     ctx.minimum_version = tls.min_version
     if tls.max_version is not None:
         ctx.maximum_version = tls.max_version
+    for what, f in (("cert_file", tls.cert_file), ("key_file", tls.key_file), ("client_ca_file", tls.client_ca_file)):
+        why = files.not_regular(f) if f is not None else None
+        if why:  # a FIFO would block the TLS library's open() forever
+            raise WebConfigError(f"{what} {f} {why}")
     try:
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    except (OSError, ssl.SSLError) as e:
+    except (OSError, ssl.SSLError, ValueError) as e:
         raise WebConfigError(f"cannot load cert_file {tls.cert_file} / key_file {tls.key_file}: {_why(e)}") from None
     mode, _ = CLIENT_AUTH_TYPES[tls.client_auth_type]
     if tls.client_ca_file is not None:
         try:
             ctx.load_verify_locations(cafile=str(tls.client_ca_file))
-        except (OSError, ssl.SSLError) as e:
+        except (OSError, ssl.SSLError, ValueError) as e:
             raise WebConfigError(f"cannot load client_ca_file {tls.client_ca_file}: {_why(e)}") from None
     if tls.client_auth_type in ("RequestClientCert", "RequireAnyClientCert") and tls.client_ca_file is None:
         # Python cannot accept an unverified client certificate; without a CA we cannot honour this.
@@ -236,9 +263,13 @@ def load(path: str | os.PathLike[str]) -> WebConfig:
     p = Path(path)
     stamp = _file_stamp(p)  # before reading: a change during the read is seen by the next check
     try:
-        text = p.read_text()
+        raw, _ = files.read_regular(p, MAX_SIZE)
     except OSError as e:
         raise WebConfigError(f"web config {p}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WebConfigError(f"web config {p}: not UTF-8 text (byte {e.start}); want YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -246,6 +277,11 @@ def load(path: str | os.PathLike[str]) -> WebConfig:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise WebConfigError(f"web config {p}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise WebConfigError(f"web config {p}: invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. a timestamp like 2024-02-30
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WebConfigError(f"web config {p}: invalid YAML value: {why}") from None
     try:
         cfg = _parse(p, data if data is not None else {})
     except WebConfigError as e:
@@ -257,7 +293,7 @@ def load(path: str | os.PathLike[str]) -> WebConfig:
 def _file_stamp(path: Path) -> tuple[int, ...] | None:
     try:
         st = path.stat()
-    except OSError:
+    except (OSError, ValueError):
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 

@@ -142,7 +142,8 @@ def probed(samples: Samples) -> dict[tuple[str, str], str]:
 
 def requests_sent(samples: Samples, server: str) -> float:
     return sum(v for (name, labels), v in samples.items()
-               if name == "dns_probe_requests_total" and dict(labels).get("server") == server)
+               if name in ("dns_probe_requests_total", "dns_probe_endpoint_queries_total")
+               and dict(labels).get("server") == server)
 
 
 def series_of(samples: Samples, server: str) -> list[str]:

@@ -111,29 +111,71 @@ def test_silent_and_trickling_clients_do_not_delay_scrapes(server: ExporterHTTPS
             s.close()
 
 
-def test_connection_cap_closes_extra_connections_and_logs_once(server: ExporterHTTPServer,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_connection_cap_new_connections_take_the_slots_of_silent_ones_and_log_once(
+        server: ExporterHTTPServer, caplog: pytest.LogCaptureFixture) -> None:
+    """At the cap a new connection is served by closing the oldest silent one (issue 13: the cap used to
+    close every new connection, kubelet's probes included, while silent clients held all slots)."""
     caplog.set_level(logging.WARNING, logger="exporter.web")
     hogs = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
     deadline = time.monotonic() + 2
     while server.open_connections < 8 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.open_connections == 8
-    extra = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
     try:
-        assert all(closed_within(s, 1.0) for s in extra), "connection over the cap was not closed at once"
-        assert threading.active_count() < 8 + 10, "a thread per rejected connection?"
+        for _ in range(3):
+            status, body, took = _scrape(server.port)
+            assert status == 200 and took < 0.4, f"scrape at the cap took {took:.2f}s"
+        assert server.open_connections <= 8
+        closed = [closed_within(s, 0.05) for s in hogs]
+        k = sum(closed)  # 1 to 3: a finished scrape frees its own slot, racing the next one
+        assert 1 <= k <= 3 and closed == [True] * k + [False] * (8 - k), f"oldest silent ones first: {closed}"
+        assert threading.active_count() < 8 + 10, "a thread per connection over the cap?"
         msgs = [r.getMessage() for r in caplog.records if "connection limit reached" in r.getMessage()]
         assert len(msgs) == 1, msgs  # rate-limited: one line, not one per connection
         assert "(8 open" in msgs[0]
-        # Once the silent hogs hit the read timeout, scrapes get through again and the count is exported.
-        assert all(closed_within(s, 2.0) for s in hogs)
         status, body, _ = _scrape(server.port)
-        assert status == 200
-        assert b"conntrack_dns_exporter_web_connections_rejected_total 3.0" in body
+        assert f'conntrack_dns_exporter_web_connections_evicted_total{{state="reading"}} {k}'.encode() in body \
+            or f'conntrack_dns_exporter_web_connections_evicted_total{{state="reading"}} {k + 1}'.encode() in body
+        assert b"conntrack_dns_exporter_web_connections_rejected_total 0.0" in body
     finally:
-        for s in [*hogs, *extra]:
+        for s in hogs:
             s.close()
+
+
+def test_at_the_cap_idle_hogs_go_before_the_scraping_keepalive_connection() -> None:
+    """Clients that made one request and then hold their keep-alive connection idle fill every slot; new
+    connections (kubelet's probes) are served by closing the longest-idle hogs, never the connection
+    Prometheus keeps scraping on."""
+    srv = _serve(read_timeout=1.0, idle_timeout=60.0, max_connections=6)
+    hogs: list[http.client.HTTPConnection] = []
+    prom = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=3)
+    try:
+        for _ in range(2):  # Prometheus has scraped on this connection before
+            prom.request("GET", "/metrics")
+            prom.getresponse().read()
+        prom_local = prom.sock.getsockname()
+        for _ in range(5):
+            h = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=3)
+            h.request("GET", "/-/healthy")
+            h.getresponse().read()
+            hogs.append(h)
+        assert srv.open_connections == 6
+        for i in range(8):  # probes arrive; Prometheus scrapes in between, as every scrape interval
+            status, _, took = _scrape(srv.port)
+            assert status == 200 and took < 0.5
+            if i % 2:
+                prom.request("GET", "/metrics")
+                r = prom.getresponse()
+                assert r.status == 200 and b"test_value" in r.read()
+                assert prom.sock.getsockname() == prom_local, "Prometheus's connection was closed"
+        assert sum(closed_within(h.sock, 0.05) for h in hogs if h.sock is not None) >= 1
+        assert srv.evictions.by_state["idle"] >= 1 and srv.rejected == 0
+    finally:
+        prom.close()
+        for h in hogs:
+            h.close()
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_idle_keepalive_connection_closed_after_idle_timeout() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import random
 import selectors
 import socket
 import struct
@@ -57,6 +58,10 @@ class Behaviour:
     delay: float = 0.0               # seconds before answering
     names: tuple[str, ...] | None = None  # only these names exist (NXDOMAIN for others); None: every name
     tcp_delay: float = 0.0           # seconds before answering over TCP
+    loss: float = 0.0                # ignore each UDP query with this probability (uniform loss)
+    pair_loss: float = 0.0           # ignore a UDP query that came < 5 ms after another from the same port
+                                     # with this probability (the conntrack race: only paired packets lose)
+    seed: int | None = None          # for loss / pair_loss
 
 
 @dataclass
@@ -77,12 +82,15 @@ class _Conn:
 class DnsServer:
     """`with DnsServer() as s:` serves on `s.host`, `s.port` (UDP and TCP) until the block ends."""
 
-    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.behaviour = behaviour or Behaviour()
         self.host = host
+        self._want_port = port  # 0: any free port; 53 where a resolv.conf must name the server
         self.queries: list[QueryLog] = []
         self._lock = threading.Lock()
         self._seen: dict[tuple[int, str], int] = {}
+        self._last_from: dict[tuple[str, int], float] = {}  # client address -> time of its last UDP query
+        self._rng = random.Random(self.behaviour.seed)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._sel = selectors.DefaultSelector()
@@ -100,7 +108,7 @@ class DnsServer:
     def _bind(self) -> tuple[socket.socket, socket.socket]:
         for _ in range(50):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.bind((self.host, 0))
+            udp.bind((self.host, self._want_port))
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -226,6 +234,12 @@ class DnsServer:
         if b.silent or (b.only is not None and qtype != b.only):
             return
         if n <= b.ignore_first and (b.ignore_qtype is None or b.ignore_qtype == qtype):
+            return
+        now, before = time.monotonic(), self._last_from.get(src)
+        self._last_from[src] = now
+        if b.loss and self._rng.random() < b.loss:
+            return
+        if b.pair_loss and before is not None and now - before < 0.005 and self._rng.random() < b.pair_loss:
             return
         payloads: list[tuple[bytes, str]] = []  # (wire, from: "server" | "port" | "address")
         answer = self._answer(q, truncate=b.truncate)

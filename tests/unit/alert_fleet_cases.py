@@ -5,6 +5,8 @@ slow answers per target and name class) and which alerts must fire, with their e
 
 Traffic per node and target: 100 lookups of each name class (`zone`) every 15 s (the ServiceMonitor's
 scrape interval); a target that does not answer completes 40 (each failed lookup waits for its timeout).
+CoreDNS endpoints report as the exporter reports sampled endpoints: `dns_probe_endpoint_queries_total` by
+`zone` and `result` (ok, retried, timeout, slow), no histogram and no per mode/qtype counters.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def _series(case: Case) -> list[dict[str, str]]:
             t = f'{base}, server="{server}", kind="{kind}"'
             out.append({"series": f'dns_probe_target_info{{{t}, pod="{pod}"}}', "values": f"1x{STEPS}"})
             slow = 0.0 if full else case.slow(node, server, "cluster")
+            if kind == "endpoint":  # sampled endpoints report results only (dns_probe_endpoint_queries_total)
+                out += _endpoint_results(case, node, server, t, full, slow)
+                continue
             hist = f'{t}, mode="parallel"'
             answered = 100
             out.append({"series": f'dns_probe_duration_seconds_bucket{{{hist}, le="0.5"}}',
@@ -89,6 +94,27 @@ def _series(case: Case) -> list[dict[str, str]]:
                             "values": _counter(round(requests * fail), 0 if case.heals else None)})
                 out.append({"series": f"dns_probe_retries_total{{{z}}}",
                             "values": _counter(round(requests * retry), 0 if case.heals else None)})
+    return out
+
+
+def _endpoint_results(case: Case, node: str, server: str, t: str, full: bool, slow: float) -> list[dict[str, str]]:
+    out = []
+    healed = 100 if case.heals else None
+    for zone in case.zones:
+        fail = 1.0 if full else case.fails(node, server, zone)
+        retry = 0.0 if full else case.retries(node, server, zone)
+        queries = 40 if fail >= 1.0 else 100
+        failed = round(queries * fail)
+        retried = round((queries - failed) * retry)
+        slow_n = round((queries - failed - retried) * slow) if zone == "cluster" else 0
+        ok = queries - failed - retried - slow_n
+        z = f'{t}, zone="{zone}"'
+        for result, n, after in (("ok", ok, healed), ("retried", retried, 0 if case.heals else None),
+                                 ("timeout", failed, 0 if case.heals else None),
+                                 ("slow", slow_n, 0 if case.heals else None)):
+            if n or result == "ok":
+                out.append({"series": f'dns_probe_endpoint_queries_total{{{z}, result="{result}"}}',
+                            "values": _counter(n, after)})
     return out
 
 

@@ -36,11 +36,14 @@ EXPORTED = {
     "conntrack_table_top_sources", "conntrack_table_dns_entries", "conntrack_table_stale_dns_entries",
     "dns_probe_duration_seconds_bucket", "dns_probe_failures_total", "dns_probe_requests_total",
     "dns_probe_retries_total", "dns_probe_partial_pairs_total", "dns_probe_target_info", "dns_probe_nodelocal_present",
+    "dns_probe_lookups_total", "dns_probe_lookup_duration_seconds_bucket",
     "conntrack_dns_exporter_collector_success", "conntrack_dns_exporter_kubernetes_up",
     "conntrack_dns_exporter_collector_duration_seconds", "conntrack_dns_exporter_build_info",
     "ALERTS",  # Prometheus's own series of the shipped rules' alerts
+    "dns_probe_endpoint_queries_total",
 }
-PROMQL_WORDS = {"sum", "by", "min", "max", "count", "topk", "rate", "increase", "histogram_quantile", "or", "and",
+PROMQL_WORDS = {"resolver", "result",
+                "sum", "by", "min", "max", "count", "topk", "rate", "increase", "histogram_quantile", "or", "and",
                 "on", "le", "node", "kind", "mode", "collector", "protocol", "state", "namespace", "pod",
                 "transport", "job", "instance", "version", "python_version", "alertname", "alertstate",
                 "severity"}
@@ -150,7 +153,7 @@ def test_the_top_row_is_the_one_glance_per_node() -> None:
     cmp_ = [t["expr"] for t in top["Service IP vs endpoints: failed or retried"]["targets"]]
     assert any('kind="service"' in e for e in cmp_) and any('kind="endpoint"' in e for e in cmp_)
     assert all("sum by (node)" in e for e in cmp_)
-    lat = [t["expr"] for t in top["Service IP vs endpoints: p99 latency"]["targets"]]
+    lat = [t["expr"] for t in top["Service IP vs NodeLocal: p99 latency"]["targets"]]
     assert all("by (node, le)" in e for e in lat)
     alerts = top["Firing alerts of this exporter"]
     (q,) = alerts["targets"]
@@ -178,7 +181,7 @@ def test_thresholds_are_the_alert_rules() -> None:
     assert usage["custom"]["thresholdsStyle"]["mode"].startswith("line")
     assert _steps(p["Probe failure ratio by node and target kind"]["fieldConfig"]["defaults"]["thresholds"]) == [
         gen_alerts.PROBE_FAILURE_RATIO]
-    for t in ("Probe latency p50 / p99 by node and target kind", "Service IP vs endpoints: p99 latency"):
+    for t in ("Probe latency p50 / p99 by node and target kind", "Service IP vs NodeLocal: p99 latency"):
         assert _steps(p[t]["fieldConfig"]["defaults"]["thresholds"]) == [gen_dashboard.SLOW_SECONDS], t
     columns = {o["matcher"]["options"]: {pr["id"]: pr["value"] for pr in o["properties"]}
                for o in p["Nodes at a glance"]["fieldConfig"]["overrides"]}

@@ -46,16 +46,18 @@ def _families() -> list[Metric]:
     src = conntrack_fixtures.FixtureStatsSource(data)
     discovery = Discovery()
     discovery.targets.set("static", [Target("127.0.0.1"), Target("10.96.0.10", kind="service"),
-                                     Target("169.254.20.10", kind="nodelocal")])
+                                     Target("169.254.20.10", kind="nodelocal"),
+                                     Target("10.244.1.5", kind="endpoint", pod="coredns-1")])
     table = TableScanService(Scanner(fixture_socket_factory(load_fixture(fixtures / "table-mixed.json")), pace=0),
                              discovery=discovery)
     table.scan_once()
     store = ProbeStore()
     for t in discovery.targets.snapshot():
-        store.ensure((t.server, t.kind), ("parallel",))
+        store.ensure((t.server, t.kind), ("parallel",), ("glibc",))
         outcomes = {"A": QueryOutcome("A", True, None, 1, 1), "AAAA": QueryOutcome("AAAA", True, "timeout")}
         r = ProbeResult("parallel", 0.01, outcomes, {"A": 1}, "AAAA", 3)
         store.record((t.server, t.kind), r)
+    store.skip(("10.244.1.5:53", "endpoint"), "busy")
     store.set_present("169.254.20.10:53", True)
     store.record_search("web", 4, 0.01)
     state = KubeState(("services", "endpointslices", "pods"))

@@ -50,7 +50,8 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["-1s", "0", "5 s", "fast", "1x", ""])
+@pytest.mark.parametrize("text", ["-1s", "0", "5 s", "fast", "1x", "", "nan", "NaN", "inf", "-inf", "1e400",
+                                  "9999999999h"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration(text)
@@ -81,3 +82,21 @@ def test_logfmt_and_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
     rec = json.loads(lines[0])
     assert rec["level"] == "error" and rec["msg"] == "shown" and rec["x"] == 1
     logging.getLogger("exporter").handlers.clear()
+
+
+def test_bounded_flag_types() -> None:
+    """Issue 13: every numeric flag has a range (glibc caps attempts at 5, timeout at 30 s)."""
+    from exporter.core.flags import duration, int_range
+
+    attempts, interval = int_range(1, 5), duration(0.1, 86400)
+    assert attempts("5") == 5 and interval("100ms") == pytest.approx(0.1)
+    for bad in ("0", "6", "1000000", "1.5", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            attempts(bad)
+    for bad in ("50ms", "25h", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            interval(bad)
+    helps = {a.option_strings[0]: a.help or "" for a in cli.build_parser()._actions if a.option_strings}
+    assert "Range: 1 to 5." in helps["--probe.attempts"]
+    assert "Range: 100ms to 24h." in helps["--probe.interval"]
+

@@ -33,8 +33,8 @@ def test_zone_of(name: str, domain: str, zone: str) -> None:
 
 
 def ok() -> ProbeResult:
-    return ProbeResult("parallel", 0.002, {"A": QueryOutcome("A", True, None, 1, 0),
-                                           "AAAA": QueryOutcome("AAAA", True, None, 1, 0)})
+    return ProbeResult("parallel", 0.002, {"A": QueryOutcome("A", True, None, attempt=0, answers=1),
+                                           "AAAA": QueryOutcome("AAAA", True, None, attempt=0, answers=1)})
 
 
 def servfail() -> ProbeResult:
@@ -121,5 +121,23 @@ def test_cardinality_budget_with_both_zones_and_five_failing_targets() -> None:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(DnsProbeCollector(store, targets))  # type: ignore[arg-type]
     total = sum(len(fam.samples) for fam in reg.collect())
-    assert total == 5 * (15 * 2 + 4 * 2 * 2 + 2 + 1) + 5 * 8  # 285
+    # per target: histograms, requests+retries per mode and zone, partial pairs, info, lone queries; + failures
+    assert total == 5 * (15 * 2 + 4 * 2 * 2 + 2 + 1 + 2) + 5 * 8  # 295
     assert total <= 300
+
+
+def test_sampled_endpoints_report_results_by_zone_and_slow_answers_apart() -> None:
+    """Endpoints have no histogram (issue 17): an answer on the first transmission that took over 0.5 s is
+    result `slow`, so the rules can name a slow CoreDNS pod; results carry the name's zone."""
+    store = ProbeStore((CLUSTER, EXTERNAL))
+    key = ("10.244.10.2:53", "endpoint")
+    store.ensure(key, ("parallel",))
+    slow = ok()
+    slow.duration = 0.8
+    store.record(key, ok(), CLUSTER)
+    store.record(key, slow, CLUSTER)
+    store.record(key, servfail(), EXTERNAL)
+    reg = exposition(store, Target("10.244.10.2", 53, "endpoint"))
+    got = {(s.labels["zone"], s.labels["result"]): s.value for fam in reg.collect() for s in fam.samples
+           if s.name == "dns_probe_endpoint_queries_total"}
+    assert got == {("cluster", "ok"): 2, ("cluster", "slow"): 2, ("external", "servfail"): 2}
