@@ -227,6 +227,13 @@ def _loss(lab: Lab, args: list[str]) -> None:
 
 def _heal_loss(lab: Lab) -> None:
     lab.node.exec(["nft", "delete", "table", "ip", "lab-loss"], check=False)
+    # The NodeLocal analogue (unbound) remembers an upstream that timed out for up to 15 minutes (its infra
+    # cache) and keeps failing after the loss is gone; node-local-dns (CoreDNS) retries at once. Healed means
+    # healed from where the pods stand, so it starts afresh.
+    if lab.nodelocal and lab.proc_running("nodelocal"):
+        lab.stop_proc("nodelocal")
+        lab.start_nodelocal()
+        lab._wait_dns(lab.node, lab.nodelocal_ip, lab.cluster_name)
 
 
 # ---- upstream ---------------------------------------------------------------------------------------------
