@@ -154,7 +154,7 @@ def _scrape_latency(ns: Any) -> list[str]:
     from tests.support.exporter_proc import Exporter, parse, value
 
     env = {"CONNTRACK_DNS_EXPORTER_COLLECTOR_DNS": "false"}
-    exp = Exporter(["--collector.table.interval=2s"], netns=ns, env=env)
+    exp = Exporter(["--collector.table.interval=2s", "--collector.table.cpu-budget=0"], netns=ns, env=env)
     try:
         exp.wait_ready()
         conn: http.client.HTTPConnection = exp.connect(timeout=10)

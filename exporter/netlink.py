@@ -8,11 +8,12 @@ whose table it reads; the error says so in one line.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from exporter.core.errors import CollectorError
 
@@ -144,3 +145,44 @@ def open_socket(recv_timeout: float | None = None) -> socket.socket:
     return s
 
 
+
+
+# ---- multicast listeners (the conntrack event stream) ---------------------------------------------------------
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+SO_RCVBUFFORCE = 33
+_SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+
+
+def subscribe(sock: socket.socket, groups: Iterable[int]) -> None:
+    """Join netlink multicast groups (NETLINK_ADD_MEMBERSHIP); failures as NetlinkError."""
+    for group in groups:
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        except OSError as e:
+            raise NetlinkError(e.errno or errno.EIO, f"joining netlink multicast group {group}") from None
+
+
+def attach_filter(sock: socket.socket, program: Sequence[tuple[int, int, int, int]]) -> None:
+    """Attach a classic BPF program ((code, jt, jf, k) instructions) with SO_ATTACH_FILTER.
+
+    The kernel copies the program during the call, so the buffer only has to live until it returns."""
+    insns = b"".join(_SOCK_FILTER.pack(code, jt, jf, k & 0xFFFFFFFF) for code, jt, jf, k in program)
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(buf))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError as e:
+        raise NetlinkError(e.errno or errno.EINVAL, "attaching the BPF socket filter") from None
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Set the receive buffer to `size` bytes: SO_RCVBUFFORCE (CAP_NET_ADMIN: above rmem_max), else
+    SO_RCVBUF (capped at net.core.rmem_max). Returns what the kernel granted (it doubles the request)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))

@@ -418,6 +418,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
         {"name": "conntrack-dns-exporter.dns", "rules": dns_records + dns_alerts},
         {"name": "conntrack-dns-exporter.exporter", "rules": selfmon},
         {"name": "conntrack-dns-exporter.fleet", "rules": fleet_records(s)},
+        {"name": "conntrack-dns-exporter.dnsflows", "rules": [dnsflows_backend_unanswered(s, alert)]},
     ]
 
 
@@ -450,8 +451,8 @@ def inhibitions() -> list[dict[str, Any]]:
              "the kernel's own count of the race: the Service-IP retries are its packets"),
         rule("ConntrackInsertFailed", ["DNSProbeFailures"], NODE_EQUAL,
              "queries lost to the race fail through the Service IP", ['kind="service"']),
-        rule("DNSServiceIPPathBroken", ["DNSParallelQueryRetries", "ConntrackStaleDNSEntries"], NODE_EQUAL,
-             "the broken DNAT path explains lost halves and stale entries"),
+        rule("DNSServiceIPPathBroken", ["DNSParallelQueryRetries", "ConntrackStaleDNSEntries", "DNSBackendUnanswered"],
+             NODE_EQUAL, "the broken DNAT path explains lost halves, stale entries and the real flows it loses"),
         rule("DNSServiceIPPathBroken", ["DNSProbeFailures", "DNSProbeSlow"], NODE_EQUAL,
              "Service-IP failures are the broken path itself, and NodeLocal's cache misses go the same way",
              ['kind=~"service|nodelocal"']),
@@ -465,6 +466,8 @@ def inhibitions() -> list[dict[str, Any]]:
              "direct probes of the dead pod fail from every node"),
         rule("CoreDNSPodNotAnswering", ["DNSProbeFailures", "DNSProbeSlow", "DNSParallelQueryRetries"], ["job"],
              "the Service IP sends every node's queries to the dead pod in turn", ['kind=~"service|nodelocal"']),
+        rule("CoreDNSPodNotAnswering", ["DNSBackendUnanswered"], ["job"],
+             "every node's real DNS flows to the dead pod go unanswered"),
         rule("CoreDNSPodSlow", ["DNSProbeSlow"], ["job", "server"], "direct probes of the slow pod"),
         rule("CoreDNSPodSlow", ["DNSProbeSlow"], ["job"], "the Service IP reaches the slow pod too",
              ['kind=~"service|nodelocal"']),
@@ -552,6 +555,35 @@ def fleet_records(s: str) -> list[dict[str, Any]]:
          "expr": f"count by ({srv}) (\n  sum by ({srv}, instance, node) (increase({q}{{{s}}}[5m])) > 0\n)"},
     ]
     return out
+
+
+# DNSBackendUnanswered (issue 14): real pods' DNS flows, from conntrack events (exporter/dnsflows/).
+FLOWS_UNANSWERED_RATIO = 0.10  # a backend leaving more than this share of its flows unanswered ...
+FLOWS_ANSWERED_RATIO = 0.01  # ... while another backend of the same Service leaves at most this share
+FLOWS_MIN = 20  # flows a backend must have had in the window to be judged at all
+
+
+def dnsflows_backend_unanswered(s: str, alert: Any) -> dict[str, Any]:
+    """On one node, one backend behind the DNS Service IP leaves real flows unanswered while another one
+    answers (a dead or overloaded CoreDNS pod, a stale endpoint: the DNAT still sends it its share)."""
+    by = f"{NODE_LABELS}, server_kind, backend"
+    sel = f'{s}, server_kind="service", backend!="other"'
+    flows = f"sum by ({by}) (increase(conntrack_dns_flows_total{{{sel}}}[10m]))"
+    unanswered = (f"(sum by ({by}) (increase(conntrack_dns_unanswered_flows_total{{{sel}}}[10m]))\n"
+                  f"   or {flows} * 0)")
+    share = f"{unanswered}\n  / ({flows} >= {FLOWS_MIN})"
+    return alert(
+        "DNSBackendUnanswered",
+        f"(\n  {share}\n) > {FLOWS_UNANSWERED_RATIO}\n"
+        f"and on ({NODE_LABELS}, server_kind)\n"
+        f"count by ({NODE_LABELS}, server_kind) (\n  (\n  {share}\n  ) <= {FLOWS_ANSWERED_RATIO}\n) > 0",
+        "5m", "warning", "cause",
+        "One DNS backend leaves real clients' queries unanswered while the others answer.",
+        f"On node {NODE}, {{{{ $value | humanizePercentage }}}} of the pods' DNS flows that the DNAT sent to "
+        "backend {{ $labels.backend }} (behind the DNS Service IP) over the last 10 minutes were never "
+        "answered, while another backend of the same Service answered (nearly) all of its own (alert above "
+        f"{FLOWS_UNANSWERED_RATIO:.0%}). A CoreDNS pod that is down, overloaded or gone (stale endpoint) still "
+        "gets its share of the queries.")
 
 
 _DURATION = re.compile(r"^(\d+)([smh])$")

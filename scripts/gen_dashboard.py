@@ -294,6 +294,27 @@ def panels() -> list[tuple[str, list[tuple[Panel, int, int]]]]:
                     "{{node}} {{resolver}} p99")],
             min=0), 12, 8),
     ]
+    # Real clients' DNS from conntrack events (exporter/dnsflows/, issue 14), beside the probe panels. A node
+    # without real DNS flows shows a 0 line (the event counters always exist), not an empty panel.
+    svc = 'server_kind="service"'
+    flows = f"sum by (node, backend) (rate(conntrack_dns_flows_total{sel(svc)}[{RATE}]))"
+    new = 'type="new"'
+    no_events = f"sum by (node) (rate(conntrack_dns_events_total{sel(new)}[{RATE}])) * 0"
+    unanswered = (f"(sum by (node, backend) (rate(conntrack_dns_unanswered_flows_total{sel(svc)}[{RATE}])) "
+                  f"or {flows} * 0)")
+    probes += [
+        (timeseries("Real DNS flows by backend", (
+            "Per node: pods' (and the node's) DNS flows through the DNS Service IP per second, by the CoreDNS "
+            "backend the DNAT chose, from conntrack events; the exporter's own probes are left out. One backend "
+            "far above the others = hot-spotting."), "reqps", "DNSBackendUnanswered",
+            [target("A", f"{flows} or {no_events}", "{{node}} {{backend}}")], min=0), 12, 8),
+        (timeseries("Real DNS flows unanswered by backend", (
+            "Per node and backend: share of the DNS flows destroyed without ever seeing a reply. Line at "
+            f"{gen_alerts.FLOWS_UNANSWERED_RATIO:.0%} (DNSBackendUnanswered, when another backend answers)."),
+            "percentunit", "DNSBackendUnanswered",
+            [target("A", f"{unanswered} / {flows} or {no_events}", "{{node}} {{backend}}")],
+            steps(("green", None), ("red", gen_alerts.FLOWS_UNANSWERED_RATIO)), min=0), 12, 8),
+    ]
     exporter = [
         (timeseries("Probe targets", "Per node, the DNS servers probed, by kind (dns_probe_target_info).", "short",
                     "DNSProbeFailures",

@@ -47,7 +47,7 @@ def render() -> str:
             if not long or action.dest in ("help", "version"):
                 continue
             flag = long[0]
-            help_text = HELP_SUFFIX.sub("", action.help or "").replace("|", "\\|")
+            help_text = HELP_SUFFIX.sub("", (action.help or "").replace("%%", "%")).replace("|", "\\|")
             rows.append(f"| `{flag}` | `{env_name(flag)}` | {_default(action)} | {help_text} |")
         if rows:
             out.append(f"\n## {group.title}\n\n| flag | environment | default | meaning |\n|---|---|---|---|")

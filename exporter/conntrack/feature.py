@@ -7,7 +7,7 @@ import argparse
 from exporter.conntrack import fixtures
 from exporter.conntrack.collector import ConntrackCollector, StatsSource, SysctlReader
 from exporter.conntrack.stats import NetlinkStatsSource
-from exporter.conntrack.sysctl import StaticSysctlSource, SysctlSource
+from exporter.conntrack.sysctl import CachedSysctl, StaticSysctlSource, SysctlSource
 from exporter.core.feature import AppContext, Built, Feature
 from exporter.core.flags import add_flag
 
@@ -33,7 +33,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         stats, sysctl = src, StaticSysctlSource(src.sysctl)
         ctx.shared["conntrack.sample"] = src.peek
     else:
-        stats, sysctl = NetlinkStatsSource(), SysctlSource()
+        stats, sysctl = NetlinkStatsSource(), CachedSysctl(SysctlSource())
         ctx.shared["conntrack.sample"] = NetlinkStatsSource().sample  # its own socket: never delays a scrape
     return Built(collectors=[ConntrackCollector(stats, sysctl, per_cpu=args.collector_conntrack_per_cpu)])
 

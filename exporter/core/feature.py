@@ -17,9 +17,20 @@ from exporter.core.scrape import Collector, Service
 from exporter.discovery import Discovery, PodIndex, TargetRegistry
 
 
+@dataclass(frozen=True)
+class ExemptFlow:
+    """A TCP flow of the exporter's own that `--web.notrack` exempts from conntrack too: to `address:port`
+    from a local port in `local_ports` (the Kubernetes API connection, issue 13 item 11)."""
+
+    address: str
+    port: int
+    local_ports: range
+
+
 @dataclass
 class AppContext:
     discovery: Discovery = field(default_factory=Discovery)
+    notrack_flows: list[ExemptFlow] = field(default_factory=list)
     # what a data path offers to the process-level consumers (the status page's live diagnosis), by name:
     # "conntrack.sample" (a callable returning the current ConntrackStats), "dns.store", "table.service"
     shared: dict[str, object] = field(default_factory=dict)

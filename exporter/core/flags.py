@@ -223,7 +223,9 @@ def add_flag(
     if bounds:
         help = f"{help} Range: {bounds}."
     shown = show_default(default, _dest(flag))
-    kwargs: dict[str, Any] = {"help": f"{help} [default: {shown}; env {env}]" if shown else f"{help} [env {env}]"}
+    # argparse %-formats help strings: a literal % (a default such as 0.1%) must be doubled
+    text = f"{help} [default: {shown}; env {env}]" if shown else f"{help} [env {env}]"
+    kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}
     if action == "bool":
         kwargs["action"] = argparse.BooleanOptionalAction
         value: Any = default

@@ -1,5 +1,5 @@
 """State that data paths share without importing each other: the DNS servers to watch (targets), the
-pods on this node (pod index), and a "synced" event.
+pods on this node (pod index), the local ports of the exporter's own DNS probes, and a "synced" event.
 
 `synced` answers "has every discovery source given its first answer?". A source that will provide
 targets (the Kubernetes watch) calls `expect(name)` while the process is being built and `done(name)`
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import threading
 
+from exporter.discovery.ownports import OwnPorts
 from exporter.discovery.pods import PodIndex
 from exporter.discovery.targets import KINDS, Target, TargetRegistry
 
-__all__ = ["KINDS", "Discovery", "PodIndex", "Target", "TargetRegistry"]
+__all__ = ["KINDS", "Discovery", "OwnPorts", "PodIndex", "Target", "TargetRegistry"]
 
 SYNC_TIMEOUT = 5.0  # seconds a consumer waits for discovery at most before its first round
 
@@ -24,6 +25,7 @@ class Discovery:
     def __init__(self, targets: TargetRegistry | None = None, pods: PodIndex | None = None) -> None:
         self.targets = targets if targets is not None else TargetRegistry()
         self.pods = pods if pods is not None else PodIndex()
+        self.own_ports = OwnPorts()  # the DNS probes' sockets, excluded from the passive DNS flows
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._synced = threading.Event()

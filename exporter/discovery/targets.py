@@ -74,11 +74,18 @@ class TargetRegistry:
         with self._lock:
             return self._version
 
-    def wait_for_change(self, version: int, timeout: float) -> int:
-        """Block until the version differs from `version` or the timeout passes; return the version."""
+    def wait_for_change(self, version: int, timeout: float, stop: threading.Event | None = None) -> int:
+        """Block until the version differs from `version`, `stop` is set (and `wake()` called), or the timeout
+        passes; return the version. A waiter needs no polling loop (each wake-up costs CPU on every node)."""
         with self._lock:
-            self._changed.wait_for(lambda: self._version != version, timeout)
+            self._changed.wait_for(lambda: self._version != version or (stop is not None and stop.is_set()),
+                                   timeout)
             return self._version
+
+    def wake(self) -> None:
+        """Let waiters re-check their `stop` event."""
+        with self._lock:
+            self._changed.notify_all()
 
     def addresses(self) -> frozenset[str]:
         """Every host currently probed (for the table scan's stale-DNS check)."""

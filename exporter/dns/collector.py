@@ -38,6 +38,10 @@ class DnsProbeCollector:
         self._store = store
         self._targets = targets
 
+    def version(self) -> tuple[int, int]:
+        """Changes whenever `collect()` could yield something else: the exposition renders once per change."""
+        return self._store.version(), self._targets.version
+
     def collect(self) -> Iterator[Metric]:
         stats, present, search = self._store.snapshot()
         # (server, kind) -> backing pod name (Kubernetes endpoints; "" for other kinds)

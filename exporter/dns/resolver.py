@@ -54,6 +54,8 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
+from exporter.discovery.ownports import OwnPorts
+
 QTYPES = ("A", "AAAA")
 MODES = ("parallel", "sequential", "tcp")
 
@@ -214,7 +216,7 @@ def _finish(q: _Query, msg: dns.message.Message | None, attempt: int, reason: st
         q.out.reason = reason
 
 
-def _udp_socket(v6: bool) -> socket.socket:
+def _udp_socket(v6: bool, own: OwnPorts | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
@@ -222,14 +224,41 @@ def _udp_socket(v6: bool) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        register_own(sock, socket.IPPROTO_UDP, own)
     except OSError:
         sock.close()
         raise
     return sock
 
 
+def register_own(sock: socket.socket, proto: int, own: OwnPorts | None) -> None:
+    """Bind to an ephemeral port (as the first send would) and name it before any packet leaves, so the
+    passive flow accounting knows this flow is the exporter's own (`exporter.discovery.ownports`)."""
+    if own is not None:
+        try:
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError:
+            return  # the send fails too, or binds implicitly: then the flow is counted as a real client's
+        own.register(proto, sock.getsockname()[1])
+
+
+async def tcp_connect(host: str, port: int,
+                       own: OwnPorts | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if own is None:
+        return await asyncio.open_connection(host, port)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        register_own(sock, socket.IPPROTO_TCP, own)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
 async def _udp(host: str, port: int, queries: list[_Query], timeout: float, attempts: int,
-               result: ProbeResult) -> None:
+               result: ProbeResult, own: OwnPorts | None = None) -> None:
     """Send the queries back to back from one UDP socket; retransmit the unanswered ones per attempt.
 
     After a timeout the socket is kept (same source port, same conntrack entry, same DNAT backend);
@@ -249,7 +278,7 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
             if not pending:
                 break
             if sock is None:
-                sock = _udp_socket(v6)
+                sock = _udp_socket(v6, own)
             error = False
             try:
                 for q in pending:
@@ -282,7 +311,7 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
                 if msg.flags & dns.flags.TC:
                     q.via_tcp = True
                     tcp_tasks.append(asyncio.create_task(_tcp_fallback(host, port, q, timeout, attempts, result,
-                                                                    attempt)))
+                                                                    attempt, own)))
                     continue
                 _finish(q, msg, attempt)
             if attempt == 0 and len(queries) == 2:
@@ -309,15 +338,15 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
 
 
 async def _tcp_fallback(host: str, port: int, q: _Query, timeout: float, attempts: int, result: ProbeResult,
-                        udp_attempt: int) -> None:
-    await _tcp(host, port, [q], timeout, attempts, result)
+                        udp_attempt: int, own: OwnPorts | None = None) -> None:
+    await _tcp(host, port, [q], timeout, attempts, result, own)
     q.out.attempt = max(q.out.attempt, udp_attempt)
     if q.out.reason in ("timeout", "network", "mismatch"):
         q.out.reason = "truncated"
 
 
 async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, attempts: int,
-               result: ProbeResult) -> None:
+               result: ProbeResult, own: OwnPorts | None = None) -> None:
     """Both queries on one TCP connection (length-prefixed); a new connection per attempt."""
     ex = _Exchange(result, queries, udp=False)
     error = False
@@ -328,7 +357,7 @@ async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, atte
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await tcp_connect(host, port, own)
                 writer.write(b"".join(struct.pack("!H", len(q.wire)) + q.wire for q in pending))
                 result.sent += len(pending)
                 await writer.drain()
@@ -351,8 +380,11 @@ async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, atte
             _finish(q, None, attempts - 1, "network" if error else "timeout")
 
 
-async def lookup(host: str, port: int, name: str, mode: str, timeout: float, attempts: int) -> ProbeResult:
-    """Resolve `name` (A and AAAA) at host:port the way `mode` does; never raises for DNS or network faults."""
+async def lookup(host: str, port: int, name: str, mode: str, timeout: float, attempts: int,
+                 own: OwnPorts | None = None) -> ProbeResult:
+    """Resolve `name` (A and AAAA) at host:port the way `mode` does; never raises for DNS or network faults.
+
+    `own`: where to register the local ports of the probe's sockets (see `exporter.discovery.ownports`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     result = ProbeResult(mode)
@@ -360,12 +392,12 @@ async def lookup(host: str, port: int, name: str, mode: str, timeout: float, att
     start = time.perf_counter()
     try:
         if mode == "parallel":
-            await _udp(host, port, queries, timeout, attempts, result)
+            await _udp(host, port, queries, timeout, attempts, result, own)
         elif mode == "sequential":
             for q in queries:
-                await _udp(host, port, [q], timeout, attempts, result)
+                await _udp(host, port, [q], timeout, attempts, result, own)
         else:
-            await _tcp(host, port, queries, timeout, attempts, result)
+            await _tcp(host, port, queries, timeout, attempts, result, own)
     except (OSError, dns.exception.DNSException):
         for q in queries:
             if not q.out.done:

@@ -61,6 +61,15 @@ class ProbeConfig:
     node: str = ""  # node name: seeds the endpoint sampler
 
 
+def application_path(targets: tuple[Target, ...]) -> tuple[str, ...]:
+    """The kinds of target the node's pods send their lookups to, where the resolver models run: NodeLocal
+    DNSCache when it is configured (pods' resolv.conf names it), else the Service IP (or the configured and
+    resolv.conf servers without Kubernetes). Never the sampled endpoints (docs/scale.md)."""
+    if any(t.kind == "nodelocal" for t in targets):
+        return ("nodelocal",)
+    return tuple(k for k in ("service", "static", "resolvconf") if k not in COMPACT_KINDS)
+
+
 class ProbeService:
     """Background prober (a `Service`): `start()` spawns the loop thread, `stop()` ends it."""
 
@@ -147,19 +156,21 @@ class ProbeService:
             del running[key]
         self._sems = {k: v for k, v in self._sems.items() if k in running or k in snapshot}
         chosen = set(self.sampler.choose([t for t in snapshot if t.kind == "endpoint"], round_))
+        app_kinds = application_path(snapshot)
         for t in snapshot:
             key = (t.server, t.kind)
+            resolvers = self.config.resolvers if t.kind in app_kinds else ()
             if t.kind != "nodelocal":
-                self.store.ensure(key, self.config.modes, self.config.resolvers)
+                self.store.ensure(key, self.config.modes, resolvers)
             if t.kind == "endpoint" and t not in chosen:
                 continue
             if t in running:
                 self.store.skip(key, "busy")
             else:
                 running[t] = asyncio.create_task(self._probe_target(t, self._sem(t)), name=f"probe {t.server}")
-            # own tasks: a glibc lookup may wait 20 s, it must not hold the mode probes back. Not for the sampled
-            # endpoints: what an application waits is a node-local path's question (docs/scale.md).
-            for res in (() if t.kind in COMPACT_KINDS else self.config.resolvers):
+            # own tasks: a glibc lookup may wait 20 s, it must not hold the mode probes back. Only on the path
+            # the node's pods resolve through (application_path): what an application waits is its question.
+            for res in resolvers:
                 if (t, res) not in running:
                     running[(t, res)] = asyncio.create_task(self._probe_resolver(t, res, self._sem(t)),
                                                             name=f"{res} {t.server}")
@@ -197,7 +208,8 @@ class ProbeService:
         default_timeout, default_attempts = (self._resolv_options if t.kind == RESOLVCONF
                                              else (self.config.timeout, self.config.attempts))
         async with sem:
-            r = await lookup(t.host, t.port, name, mode, timeout or default_timeout, attempts or default_attempts)
+            r = await lookup(t.host, t.port, name, mode, timeout or default_timeout, attempts or default_attempts,
+                             self.discovery.own_ports)
         log.debug("probe", extra={"kv": {
             "server": t.server, "kind": t.kind, "mode": mode, "name": name, "seconds": f"{r.duration:.6f}",
             "outcome": ",".join(f"{q}={o.reason or 'ok'}" for q, o in r.outcomes.items())}})
@@ -216,7 +228,8 @@ class ProbeService:
                             extra={"kv": {"server": t.server}})
             if not present:
                 return
-            self.store.ensure(key, self.config.modes, self.config.resolvers)
+            self.store.ensure(key, self.config.modes,
+                              self.config.resolvers if t.kind in application_path(self.targets.snapshot()) else ())
         await asyncio.gather(*(self._probe_mode(t, key, mode, sem) for mode in self.config.modes))
 
     async def _probe_resolver(self, t: Target, resolver: str, sem: asyncio.Semaphore) -> None:
@@ -227,7 +240,7 @@ class ProbeService:
         timeout, attempts = (self._resolv_options if t.kind == RESOLVCONF
                              else (self.config.timeout, self.config.attempts))
         options = models.ResolverOptions(timeout=timeout, attempts=attempts,
-                                         rotate=self._rotate and t.kind == RESOLVCONF)
+                                         rotate=self._rotate and t.kind == RESOLVCONF, own=self.discovery.own_ports)
         state = None
         if models.model(resolver).sticky:
             state = self._glibc.setdefault((t.server, t.kind, resolver), models.GlibcState())

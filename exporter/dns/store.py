@@ -97,13 +97,31 @@ class SearchStats:
     duration: float
 
 
+class _CountingLock:
+    """A lock that counts how often it was taken: every change to the store happens under it, so the
+    count is a version the collector renders by (reads use `lock` directly and do not count)."""
+
+    __slots__ = ("count", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
 class ProbeStore:
     def __init__(self, names: tuple[str, ...] = ("kubernetes.default.svc.cluster.local.",),
                  cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> None:
         """`names`: the probed names, whose zones get their series at zero from the start."""
         self.cluster_domain = cluster_domain
         self._zones = tuple(z for z in ZONES if z in {zone_of(n, cluster_domain) for n in names}) or ZONES[:1]
-        self._lock = threading.Lock()
+        self._lock = _CountingLock()
         self._targets: dict[TargetKey, TargetStats] = {}
         self._present: dict[str, bool] = {}        # nodelocal server -> answering
         self._search: dict[str, SearchStats] = {}  # search-probe name -> last walk
@@ -185,7 +203,7 @@ class ProbeStore:
             return changed
 
     def is_present(self, server: str) -> bool:
-        with self._lock:
+        with self._lock.lock:  # a read: does not move the version
             return self._present.get(server, False)
 
     def record_search(self, name: str, queries: int, duration: float) -> None:
@@ -201,9 +219,13 @@ class ProbeStore:
             for s in [s for s in self._present if s not in live_servers]:
                 del self._present[s]
 
+    def version(self) -> int:
+        """Changes whenever the store may have changed (see `_CountingLock`)."""
+        return self._lock.count
+
     def snapshot(self) -> tuple[dict[TargetKey, TargetStats], dict[str, bool], dict[str, SearchStats]]:
         """Deep-enough copies for the collector to read without the lock."""
-        with self._lock:
+        with self._lock.lock:
             targets = {
                 k: TargetStats(
                     {m: Histogram(list(h.counts), h.total, h.bounds) for m, h in st.histograms.items()},

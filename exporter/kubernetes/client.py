@@ -59,6 +59,30 @@ class Backoff:
         self.attempt = 0
 
 
+CONNTRACK_DIR = "/proc/sys/net/netfilter"
+
+
+def conntrack_full(root: str = CONNTRACK_DIR) -> bool:
+    """This namespace's conntrack table holds >= 99 % of nf_conntrack_max (False when unreadable)."""
+    try:
+        with open(f"{root}/nf_conntrack_count") as f:
+            count = int(f.read())
+        with open(f"{root}/nf_conntrack_max") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return False
+    return limit > 0 and count >= 0.99 * limit
+
+
+def blocked_by_conntrack(e: BaseException) -> bool:
+    """A request that could not even connect while the table is full: its SYN got no conntrack entry."""
+    from exporter.kubernetes.incluster import ConnectFailed
+
+    names = {type(x).__name__ for x in (e, getattr(e, "reason", None), e.__cause__, e.__context__) if x}
+    connect = isinstance(e, ConnectFailed) or bool(names & {"NewConnectionError", "ConnectTimeoutError"})
+    return connect and conntrack_full()
+
+
 def describe_error(e: BaseException) -> str:
     """A short bounded description for logs: `403 Forbidden`, `connection refused`, `reset mid-stream`."""
     status = getattr(e, "status", None)
@@ -182,7 +206,10 @@ class ListWatch:
                 if self._watch_was_healthy():
                     backoff.reset()  # a long-lived stream that broke: retry soon, it is not a flapping server
                 desc = describe_error(e)
-                if self._state.failed(self.resource, desc):
+                blocked = blocked_by_conntrack(e)
+                if blocked:
+                    desc = "conntrack table full"
+                if self._state.failed(self.resource, desc, blocked):
                     log.warning("Kubernetes API request failed, retrying with backoff; keeping the last known "
                                 "state", extra={"kv": {"resource": self.resource, "verb": verb, "error": desc}})
                 else:

@@ -8,6 +8,11 @@ Emits:
 - `conntrack_dns_exporter_kubernetes_last_event_timestamp_seconds{resource}` (gauge): last list, event or
   bookmark received;
 - `conntrack_dns_exporter_kubernetes_objects{resource}` (gauge): objects currently known.
+- `conntrack_dns_exporter_kubernetes_blocked_by_conntrack` (gauge): 1 while requests to the API cannot
+  connect and this namespace's conntrack table is full (discovery is degraded: the last known targets,
+  or none, are probed);
+- `conntrack_dns_exporter_kubernetes_api_notrack` (gauge): 1 when `--web.notrack` exempts the API
+  connections from conntrack (`--kubernetes.api-server-address` given).
 `resource` is one of `services`, `endpointslices`, `pods`.
 """
 
@@ -26,6 +31,10 @@ class KubernetesCollector:
 
     def __init__(self, state: KubeState) -> None:
         self._state = state
+
+    def version(self) -> int:
+        """Changes with every list, event, bookmark or failure: rendered once per change."""
+        return self._state.version
 
     def collect(self) -> Iterator[Metric]:
         snap = self._state.snapshot()
@@ -49,3 +58,10 @@ class KubernetesCollector:
         yield restarts
         yield last
         yield objects
+        yield GaugeMetricFamily(f"{PREFIX}_kubernetes_blocked_by_conntrack",
+                                "1 while Kubernetes API requests cannot connect because the conntrack table is "
+                                "full (discovery degraded).", value=1.0 if self._state.blocked() else 0.0)
+        yield GaugeMetricFamily(f"{PREFIX}_kubernetes_api_notrack",
+                                "1 if the exporter's Kubernetes API connections are exempt from conntrack "
+                                "(--web.notrack with --kubernetes.api-server-address).",
+                                value=1.0 if self._state.exempt else 0.0)

@@ -25,6 +25,7 @@ from exporter.kubernetes.client import (
     SERVICE_NAME_LABEL,
     ListWatch,
     Timeouts,
+    blocked_by_conntrack,
     describe_error,
     forbidden_message,
 )
@@ -42,12 +43,8 @@ class KubeWatcher:
 
     def __init__(self, cfg: Any, namespace: str, service: str, node: str, discovery: Discovery,
                  timeouts: Timeouts | None = None) -> None:
-        from kubernetes import client
-
         self._t = timeouts or Timeouts()
-        self._api = client.ApiClient(cfg)
-        self._core = client.CoreV1Api(self._api)
-        self._disc = client.DiscoveryV1Api(self._api)
+        self._core, self._disc, self.host, self._close = _apis(cfg)
         self.namespace, self.service, self.node = namespace, service, node
         self._stop = threading.Event()
         resources = ("services", "endpointslices", "pods") if node else ("services", "endpointslices")
@@ -107,7 +104,10 @@ class KubeWatcher:
                         log.error("%s", forbidden_message("services", "get", self.namespace))
                     return
                 desc = describe_error(e)
-                if self.state.failed("services", desc):
+                blocked = blocked_by_conntrack(e)
+                if blocked:
+                    desc = "conntrack table full"
+                if self.state.failed("services", desc, blocked):
                     log.warning("cannot get the DNS Service; keeping the last known one",
                                 extra={"kv": {"service": f"{self.namespace}/{self.service}", "error": desc}})
                 return
@@ -117,7 +117,7 @@ class KubeWatcher:
 
     def start(self) -> None:
         log.info("watching the Kubernetes API", extra={"kv": {
-            "host": self._api.configuration.host, "dns_service": f"{self.namespace}/{self.service}",
+            "host": self.host, "dns_service": f"{self.namespace}/{self.service}",
             "node": self.node or "(none: pod map disabled)"}})
         for w in self._watches:
             w.start()
@@ -137,9 +137,22 @@ class KubeWatcher:
         if alive:
             log.debug("watch threads still finishing a request", extra={"kv": {"resources": ",".join(alive)}})
         try:
-            self._api.rest_client.pool_manager.clear()
+            self._close()
         except Exception:
             log.debug("closing the API connection pool failed", exc_info=True)
+
+
+def _apis(cfg: Any) -> tuple[Any, Any, str, Callable[[], None]]:
+    """(core/v1, discovery/v1, host, close): the standard-library client in a pod, else `kubernetes`'s."""
+    from exporter.kubernetes.incluster import CoreV1, DiscoveryV1, InClusterConfig, RestClient
+
+    if isinstance(cfg, InClusterConfig):
+        rest = RestClient(cfg)
+        return CoreV1(rest), DiscoveryV1(rest), cfg.host, lambda: None  # one connection per request
+    from kubernetes import client
+
+    api = client.ApiClient(cfg)
+    return client.CoreV1Api(api), client.DiscoveryV1Api(api), cfg.host, api.rest_client.pool_manager.clear
 
 
 def _bind(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:

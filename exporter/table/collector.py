@@ -17,6 +17,8 @@ Metrics (from the last finished scan; nothing before the first one finishes):
 - `conntrack_table_top_sources{namespace,pod}`: entries by original source address, for the top N pods
   (pod map at scan start), plus `namespace="",pod=""` for sources that are no known pod (no IP label, to
   keep cardinality bounded) and `namespace="",pod="other"` for the pods outside the top N;
+- with a CPU budget (`--collector.table.cpu-budget`, on by default): `conntrack_table_scan_cpu_seconds`
+  (CPU of the last scan) and `conntrack_table_scan_interval_seconds` (the wait before the next scan);
 - `conntrack_table_scan_duration_seconds`, `conntrack_table_scan_entries`,
   `conntrack_table_last_scan_timestamp_seconds`, `conntrack_table_scan_partial` (1 when the scan was cut
   short: time cap, interrupted twice, garbled message, error; its counts are then incomplete).
@@ -41,6 +43,10 @@ class TableCollector:
     def __init__(self, service: TableScanService) -> None:
         self._service = service
 
+    def version(self) -> int:
+        """The scan count: `collect()` only renders the last scan's snapshot (rendered once per scan)."""
+        return self._service.published
+
     def collect(self) -> Iterator[Metric]:
         snap = self._service.latest()
         if snap is None:
@@ -54,6 +60,14 @@ class TableCollector:
         yield GaugeMetricFamily("conntrack_table_scan_partial",
                                 "1 if the last conntrack table scan was cut short and its counts are incomplete.",
                                 value=1.0 if snap.partial else 0.0)
+        if self._service.cpu_budget > 0:
+            yield GaugeMetricFamily("conntrack_table_scan_cpu_seconds",
+                                    "CPU time the last conntrack table scan took (the kernel's dump work included).",
+                                    value=snap.cpu)
+            yield GaugeMetricFamily("conntrack_table_scan_interval_seconds",
+                                    "Time from the end of the last table scan to the start of the next: "
+                                    "max(--collector.table.interval, scan CPU / --collector.table.cpu-budget).",
+                                    value=self._service.next_interval)
         if snap.partial and snap.reason in HARD_FAILURES and snap.entries == 0:
             raise CollectorError(snap.message, snap.reason)
         if snap.reason == "internal":

@@ -5,6 +5,14 @@
 A change of the DNS targets (a CoreDNS rollout seen by the Kubernetes watch) triggers a rescan soon
 after instead of waiting for the interval: that is when stale DNS entries matter. The first scan waits
 for discovery's "synced" event (bounded), so it can judge stale entries from the start.
+
+CPU budget (`--collector.table.cpu-budget`, a fraction of one core, issue 16): a scan's CPU time grows
+with the table, so the time from the end of one scan to the start of the next is
+
+    interval = max(--collector.table.interval, cpu of the last scan / budget)
+
+and the scans' average share of a core stays at or under the budget on tables of any size (docs/metrics.md
+works out 262,144, 1M and 4M entries).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class TableSnapshot:
     partial: bool
     reason: str
     message: str
+    cpu: float = 0.0  # CPU seconds of the scan (both threads, the kernel's dump work included)
 
 
 def summarize(result: ScanResult, pods: dict[bytes, tuple[str, str]], top_n: int) -> TableSnapshot:
@@ -74,7 +83,13 @@ def summarize(result: ScanResult, pods: dict[bytes, tuple[str, str]], top_n: int
         partial=result.partial,
         reason=result.reason,
         message=result.message,
+        cpu=result.cpu,
     )
+
+
+def budgeted_interval(interval: float, cpu: float, budget: float) -> float:
+    """max(interval, cpu / budget): the wait after a scan that cost `cpu` seconds (budget 0: `interval`)."""
+    return max(interval, cpu / budget) if budget > 0 else interval
 
 
 class TableScanService:
@@ -88,15 +103,18 @@ class TableScanService:
 
     def __init__(self, scanner: Scanner, *, interval: float = 60.0, top_n: int = 10,
                  discovery: Discovery | None = None,
-                 on_scan: Callable[[TableSnapshot], None] | None = None) -> None:
+                 on_scan: Callable[[TableSnapshot], None] | None = None, cpu_budget: float = 0.0) -> None:
         self.scanner = scanner
         self.interval = interval
+        self.cpu_budget = cpu_budget  # fraction of one core; 0: a fixed interval
+        self.next_interval = interval  # what the loop waits after the last scan
         self.top_n = top_n
         self._discovery = discovery
         self._targets = discovery.targets if discovery is not None else None
         self._pods = discovery.pods if discovery is not None else None
         self._on_scan = on_scan
         self._latest: TableSnapshot | None = None
+        self.published = 0  # snapshots published so far (bumped after `_latest` is replaced)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = ""
@@ -114,6 +132,8 @@ class TableScanService:
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
+        if self._targets is not None:
+            self._targets.wake()
         self.scanner.abort()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -126,9 +146,9 @@ class TableScanService:
         while not self._stop.is_set():
             version = targets.version if targets is not None else 0
             self.scan_once()
-            end = time.monotonic() + self.interval
+            end = time.monotonic() + self.next_interval
             if targets is None:
-                self._stop.wait(self.interval)
+                self._stop.wait(self.next_interval)
             elif self._wait_for_targets(version, end):
                 # The DNS endpoints changed (a rollout): rescan soon, so stale entries show now rather
                 # than an interval later; the gap bounds the cost of a burst of changes.
@@ -141,7 +161,7 @@ class TableScanService:
             left = until - time.monotonic()
             if left <= 0:
                 return False
-            if self._targets.wait_for_change(version, min(left, 0.25)) != version:
+            if self._targets.wait_for_change(version, left, self._stop) != version:
                 return True
         return False
 
@@ -167,7 +187,10 @@ class TableScanService:
             snap = TableSnapshot(states=(), dns=(), stale_dns=None, top_sources=(), duration=0.0, entries=0,
                                  timestamp=time.time(), partial=True, reason="internal",
                                  message=f"table scan failed: {type(e).__name__}: {e}")
-        self._latest = snap
+        if not snap.partial or snap.entries:
+            self.next_interval = budgeted_interval(self.interval, snap.cpu, self.cpu_budget)
+        self._latest = snap  # before `published` moves: a rendering by the new count sees this snapshot
+        self.published += 1
         self._report(snap)
         if self._on_scan is not None:
             self._on_scan(snap)

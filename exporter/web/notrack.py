@@ -19,6 +19,13 @@ It uses the `nft` binary (package `nftables`, in the image) rather than hand-bui
 rule is four lines a person can read with `nft list table inet conntrack_dns_exporter_notrack`.
 One exporter per network namespace owns the table (the DaemonSet runs one per node).
 
+With Kubernetes discovery pointed at the API server's own address (`--kubernetes.api-server-address`),
+the exporter's API connections (from local ports 19154-19169) are exempted too, in both directions, so
+that discovery starts even when the exporter (re)starts while the table is full:
+
+      ip daddr API tcp dport 6443 tcp sport 19154-19169 notrack
+      ip saddr API tcp sport 6443 tcp dport 19154-19169 notrack
+
 Untracked packets skip NAT and have `ct state untracked`: a node firewall that only accepts
 `ct state established,related` must also accept untracked packets to this port.
 
@@ -36,6 +43,7 @@ from collections.abc import Iterable
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.core import logs
+from exporter.core.feature import ExemptFlow
 
 log = logs.get("notrack")
 
@@ -48,7 +56,21 @@ class NotrackError(Exception):
     """nftables is missing or refused the rule; the message is one line."""
 
 
-def ruleset(port: int) -> str:
+def _flow_rules(flows: Iterable[ExemptFlow]) -> str:
+    """Both directions of each flow, in both chains (the peer may be on this node: a control-plane node,
+    or loopback), matched on the flow's local port range too, so that only the exporter's own
+    connections are exempted, never other clients of the same server."""
+    out = ""
+    for f in flows:
+        ip = "ip6" if ":" in f.address else "ip"
+        ports = f"{f.local_ports.start}-{f.local_ports.stop - 1}"
+        out += (f"    {ip} daddr {f.address} tcp dport {f.port} tcp sport {ports} notrack\n"
+                f"    {ip} saddr {f.address} tcp sport {f.port} tcp dport {ports} notrack\n")
+    return out
+
+
+def ruleset(port: int, flows: Iterable[ExemptFlow] = ()) -> str:
+    flows = list(flows)
     return (
         f"table {FAMILY} {TABLE} {{}}\n"
         f"delete table {FAMILY} {TABLE}\n"
@@ -56,11 +78,13 @@ def ruleset(port: int) -> str:
         "  chain prerouting {\n"
         "    type filter hook prerouting priority raw; policy accept;\n"
         f"    tcp dport {port} notrack\n"
+        + _flow_rules(flows) +
         "  }\n"
         "  chain output {\n"
         "    type filter hook output priority raw; policy accept;\n"
         f"    tcp sport {port} notrack\n"
         f"    fib daddr type local tcp dport {port} notrack\n"
+        + _flow_rules(flows) +
         "  }\n"
         "}\n"
     )
@@ -89,8 +113,9 @@ class Notrack:
 
     name = "notrack"
 
-    def __init__(self, port: int, check_interval: float = CHECK_INTERVAL) -> None:
+    def __init__(self, port: int, check_interval: float = CHECK_INTERVAL, flows: Iterable[ExemptFlow] = ()) -> None:
         self.port = port
+        self.flows = list(flows)
         self.check_interval = check_interval
         self.installed = False
         self.reinstalls = 0
@@ -99,7 +124,7 @@ class Notrack:
         self._lock = threading.Lock()
 
     def install(self) -> None:
-        r = _nft(["-f", "-"], stdin=ruleset(self.port))
+        r = _nft(["-f", "-"], stdin=ruleset(self.port, self.flows))
         if r.returncode != 0:
             msg = _first_line(r.stderr)
             if "Operation not permitted" in r.stderr:

@@ -50,6 +50,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.core import logs
 from exporter.web import certinfo, slots
+from exporter.web.render import OPENMETRICS, FamilyTemplates, render_registry
 from exporter.web.slots import Conn
 from exporter.web.webconfig import WebConfig, WebConfigError
 
@@ -74,12 +75,18 @@ class Exposition:
     Rendering is CPU work under the GIL, so N simultaneous scrapes rendering N times would each take N
     times longer; sharing keeps a scrape's latency near one rendering however many scrapers there are.
     A shared result is at most one rendering old, which Prometheus cannot tell from network delay.
+
+    A rendering walks the registry's collectors in registration order, as `registry.collect()` does, and
+    formats each one's families with the chosen encoder; a collector with `render_parts` (the scrape
+    wrapper) returns ready bytes, reusing what did not change since the last scrape. The result is
+    byte for byte what the encoder gives for the whole registry.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._lock = threading.Lock()
         self._inflight: dict[str, _Flight] = {}
+        self._templates: dict[str, FamilyTemplates] = {}
         self.renders = 0
         self.shared = 0
 
@@ -99,7 +106,7 @@ class Exposition:
                 self.shared += 1
         if leader:
             try:
-                flight.body = encoder(self.registry)
+                flight.body = self._render(key, encoder)
             except BaseException as e:
                 flight.error = e
             finally:
@@ -111,6 +118,13 @@ class Exposition:
         if flight.error is not None:
             raise flight.error
         return flight.body
+
+    def _render(self, key: str, encoder: Callable[[Any], bytes]) -> bytes:
+        with self._lock:
+            templates = self._templates.get(key)
+            if templates is None or templates.encoder is not encoder:
+                templates = self._templates[key] = FamilyTemplates(encoder, key.startswith(OPENMETRICS))
+        return render_registry(self.registry, key, templates)
 
 
 class _Only:

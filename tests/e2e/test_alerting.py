@@ -96,7 +96,7 @@ def env(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "--web.notrack", "--collector.dns", "--kubernetes.enabled=true", f"--kubernetes.kubeconfig={kubeconfig}",
         f"--kubernetes.node-name={NODE}", f"--probe.nodelocal={lab.nodelocal_ip}",
         f"--probe.name={lab.cluster_name}", f"--probe.name={lab.external_name}",
-        "--collector.table.interval=10s", port=PORT)
+        "--collector.table.interval=10s", "--collector.table.cpu-budget=0", port=PORT)
     stack = Stack(workdir, f"{lab.host_node_ip}:{PORT}", NODE, accelerated=False, interval=INTERVAL)
     try:
         stack.start()

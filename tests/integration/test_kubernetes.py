@@ -1,12 +1,14 @@
-"""Kubernetes discovery, end to end: the real exporter process, the real `kubernetes` client, real DNS probes.
+"""Kubernetes discovery, end to end: the real exporter process, its in-cluster client, real DNS probes.
 
 Why a stand-in API server: no kube-apiserver (with etcd) can run on these machines, so the exporter is
-pointed through a kubeconfig at `tests.support.fakeapi.FakeAPI`, a small HTTP server that answers with
+pointed as in a pod (KUBERNETES_SERVICE_HOST/PORT, a ServiceAccount token and CA the test writes; HTTPS)
+at `tests.support.fakeapi.FakeAPI`, a small HTTP server that answers with
 the real API's JSON (Service, EndpointSlice discovery.k8s.io/v1, Pod, *List, Status objects) and chunked
 watch streams with resourceVersion semantics, bookmarks and 410 Gone. Everything else is real: the
 exporter runs as a subprocess with its own flags, the endpoints it discovers are in-process DNS servers
 on 127.0.0.x that count the queries they get, and the assertions read what a user sees: the exporter's
 /metrics (probe series, `dns_probe_target_info{pod}`, `conntrack_dns_exporter_kubernetes_*`) and its log.
+One test goes through a kubeconfig instead (the `kubernetes` package's client, imported only then).
 
 All endpoints share one UDP/TCP port on different loopback addresses, as CoreDNS pods share port 53 on
 different pod IPs, so that an EndpointSlice (one port list for all its endpoints) can describe them.
@@ -85,7 +87,7 @@ class Cluster:
 
 @pytest.fixture
 def api() -> Iterator[FakeAPI]:
-    fake = FakeAPI(bookmark_interval=1.0).start()
+    fake = FakeAPI(bookmark_interval=1.0, tls=True).start()
     try:
         yield fake
     finally:
@@ -102,14 +104,18 @@ def cluster(api: FakeAPI) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def kubeconfig(api: FakeAPI, tmp_path: Any) -> str:
-    return api.write_kubeconfig(str(tmp_path / "kubeconfig"))
+def access(api: FakeAPI, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """As in a pod: the API server's env vars and the ServiceAccount files; the flag that finds them."""
+    for var, v in api.in_cluster_env().items():
+        monkeypatch.setenv(var, v)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    return f"--kubernetes.service-account-dir={api.write_service_account(str(tmp_path / 'sa'))}"
 
 
-def exporter_args(kubeconfig: str, tmp_path: Any, *extra: str) -> list[str]:
+def exporter_args(access: str, tmp_path: Any, *extra: str) -> list[str]:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.9\n")  # loopback, never used while another origin has targets
-    return ["--kubernetes.kubeconfig", kubeconfig, "--kubernetes.node-name", NODE, "--kubernetes.max-backoff=1s",
+    return [access, "--kubernetes.node-name", NODE, "--kubernetes.max-backoff=1s",
             "--collector.dns", "--probe.interval=0.5s", "--probe.timeout=1s", "--probe.attempts=1",
             "--probe.modes=parallel", f"--probe.resolv-conf={resolv}", "--no-collector.conntrack",
             "--no-collector.table", *extra]
@@ -150,13 +156,13 @@ def series_of(samples: Samples, server: str) -> list[str]:
     return sorted({name for (name, labels), _ in samples.items() if dict(labels).get("server") == server})
 
 
-def test_initial_list_probes_service_ip_and_ready_endpoints(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_initial_list_probes_service_ip_and_ready_endpoints(cluster: Cluster, access: str, tmp_path: Any) -> None:
     cluster.put_slice("kube-dns-4xk2p", [Endpoint("127.0.0.11", "coredns-7db6d8ff4d-abcde"),
                                          Endpoint("127.0.0.12", "coredns-7db6d8ff4d-fghij"),
                                          Endpoint("127.0.0.13", "coredns-7db6d8ff4d-notready", ready=False)])
     cluster.api.put(pod("default", "web-1", NODE, "10.244.1.5"))
     cluster.api.put(pod("default", "web-2", "node-2", "10.244.2.5"))  # another node: not ours
-    with running(exporter_args(kubeconfig, tmp_path)) as exp:
+    with running(exporter_args(access, tmp_path)) as exp:
         want = {(cluster.server("127.0.0.10"), "service"): "",
                 (cluster.server("127.0.0.11"), "endpoint"): "coredns-7db6d8ff4d-abcde",
                 (cluster.server("127.0.0.12"), "endpoint"): "coredns-7db6d8ff4d-fghij"}
@@ -182,9 +188,9 @@ def test_initial_list_probes_service_ip_and_ready_endpoints(cluster: Cluster, ku
     assert len(lists) == 1 and len(cluster.api.calls("services", "get")) == 1
 
 
-def test_watch_added_modified_deleted(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_watch_added_modified_deleted(cluster: Cluster, access: str, tmp_path: Any) -> None:
     cluster.put_slice("kube-dns-a", [Endpoint("127.0.0.11", "coredns-a")])
-    with running(exporter_args(kubeconfig, tmp_path)) as exp:
+    with running(exporter_args(access, tmp_path)) as exp:
         svc, a, b = (cluster.server(h) for h in ("127.0.0.10", "127.0.0.11", "127.0.0.12"))
         wait_for(lambda: (a, "endpoint") in probed(exp.scrape()), what="initial endpoint")
         # ADDED: a second slice (the controller splits large Services into several).
@@ -208,13 +214,13 @@ def test_watch_added_modified_deleted(cluster: Cluster, kubeconfig: str, tmp_pat
     assert len(cluster.api.calls("pods", "list")) == 1
 
 
-def test_rollout_replacing_every_endpoint(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_rollout_replacing_every_endpoint(cluster: Cluster, access: str, tmp_path: Any) -> None:
     old = [Endpoint("127.0.0.11", "coredns-old-1"), Endpoint("127.0.0.12", "coredns-old-2")]
     new = [Endpoint("127.0.0.21", "coredns-new-1"), Endpoint("127.0.0.22", "coredns-new-2")]
     cluster.put_slice("kube-dns-r", old)
     for e in new:
         cluster.dns(e.ip)
-    with running(exporter_args(kubeconfig, tmp_path)) as exp:
+    with running(exporter_args(access, tmp_path)) as exp:
         old_servers = [cluster.server(e.ip) for e in old]
         new_servers = [cluster.server(e.ip) for e in new]
         s = wait_for(lambda: (lambda s: s if all(requests_sent(s, o) > 0 for o in old_servers) else None)(
@@ -242,9 +248,9 @@ def test_rollout_replacing_every_endpoint(cluster: Cluster, kubeconfig: str, tmp
     assert len(cluster.api.calls("endpointslices", "list")) == 1
 
 
-def test_410_gone_forces_a_relist(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_410_gone_forces_a_relist(cluster: Cluster, access: str, tmp_path: Any) -> None:
     cluster.put_slice("kube-dns-g", [Endpoint("127.0.0.11", "coredns-a")])
-    with running(exporter_args(kubeconfig, tmp_path)) as exp:
+    with running(exporter_args(access, tmp_path)) as exp:
         a, b = cluster.server("127.0.0.11"), cluster.server("127.0.0.12")
         wait_for(lambda: (a, "endpoint") in probed(exp.scrape()), what="initial endpoint")
         restarts = value(exp.scrape(), RESTARTS, resource="endpointslices")
@@ -259,9 +265,9 @@ def test_410_gone_forces_a_relist(cluster: Cluster, kubeconfig: str, tmp_path: A
     assert len(cluster.api.calls("endpointslices", "list")) == 2, "410 must cause exactly one relist"
 
 
-def test_stream_dropped_mid_event_resumes_without_relist(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_stream_dropped_mid_event_resumes_without_relist(cluster: Cluster, access: str, tmp_path: Any) -> None:
     cluster.put_slice("kube-dns-d", [Endpoint("127.0.0.11", "coredns-a")])
-    with running(exporter_args(kubeconfig, tmp_path)) as exp:
+    with running(exporter_args(access, tmp_path)) as exp:
         a, b, c = (cluster.server(h) for h in ("127.0.0.11", "127.0.0.12", "127.0.0.13"))
         wait_for(lambda: (a, "endpoint") in probed(exp.scrape()), what="initial endpoint")
         cluster.put_slice("kube-dns-d", [Endpoint("127.0.0.11", "coredns-a"), Endpoint("127.0.0.12", "coredns-b")])
@@ -280,11 +286,11 @@ def test_stream_dropped_mid_event_resumes_without_relist(cluster: Cluster, kubec
     assert len(cluster.api.calls("endpointslices", "list")) == 1, "a dropped stream resumes, it does not relist"
 
 
-def test_api_down_at_start_then_back_then_blip(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_api_down_at_start_then_back_then_blip(cluster: Cluster, access: str, tmp_path: Any) -> None:
     cluster.put_slice("kube-dns-s", [Endpoint("127.0.0.11", "coredns-a")])
     static = cluster.dns("127.0.0.30")
     cluster.api.stop()
-    args = exporter_args(kubeconfig, tmp_path, f"--probe.server={static.address}")
+    args = exporter_args(access, tmp_path, f"--probe.server={static.address}")
     with running(args) as exp:
         s = wait_for(lambda: (lambda s: s if requests_sent(s, static.address) > 0 else None)(exp.scrape()),
                      what="static target probed while the API is down")
@@ -305,11 +311,11 @@ def test_api_down_at_start_then_back_then_blip(cluster: Cluster, kubeconfig: str
         assert "Traceback" not in exp.stderr()
 
 
-def test_403_logs_the_missing_rbac_rule_once(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_403_logs_the_missing_rbac_rule_once(cluster: Cluster, access: str, tmp_path: Any) -> None:
     cluster.put_slice("kube-dns-f", [Endpoint("127.0.0.11", "coredns-a")])
     cluster.api.forbid("list", "endpointslices")
     static = cluster.dns("127.0.0.30")
-    with running(exporter_args(kubeconfig, tmp_path, f"--probe.server={static.address}")) as exp:
+    with running(exporter_args(access, tmp_path, f"--probe.server={static.address}")) as exp:
         wait_for(lambda: len(cluster.api.calls("endpointslices", "list")) >= 3, what="several retries")
         s = exp.scrape()  # still serving
         assert value(s, UP) == 0
@@ -326,9 +332,9 @@ def test_403_logs_the_missing_rbac_rule_once(cluster: Cluster, kubeconfig: str, 
         assert value(exp.scrape(), UP) == 1
 
 
-def test_stop_is_prompt_with_open_watches(cluster: Cluster, kubeconfig: str, tmp_path: Any) -> None:
+def test_stop_is_prompt_with_open_watches(cluster: Cluster, access: str, tmp_path: Any) -> None:
     cluster.put_slice("kube-dns-t", [Endpoint("127.0.0.11", "coredns-a")])
-    exp = Exporter(exporter_args(kubeconfig, tmp_path))
+    exp = Exporter(exporter_args(access, tmp_path))
     try:
         exp.wait_ready()
         wait_for(lambda: value(exp.scrape(), UP) == 1, what="watches open")
@@ -350,3 +356,48 @@ def test_bad_configuration_exits_2_with_one_line(args: list[str], message: str) 
     assert exp.proc.wait(15) == 2
     err = exp.stderr().strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_in_a_pod_the_kubernetes_package_is_not_imported(cluster: Cluster, access: str, tmp_path: Any) -> None:
+    """The in-cluster client is the standard library's: the ~23 MB `kubernetes` package stays unloaded
+    (Python's own import log, PYTHONPROFILEIMPORTTIME, lists every module the process imported)."""
+    cluster.put_slice("kube-dns-m", [Endpoint("127.0.0.11", "coredns-a")])
+    exp = Exporter(exporter_args(access, tmp_path), env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        exp.wait_ready()
+        wait_for(lambda: (cluster.server("127.0.0.11"), "endpoint") in probed(exp.scrape()), what="discovered")
+        imported = {line.rsplit("|", 1)[1].strip() for line in exp.stderr().splitlines() if "import time:" in line}
+    finally:
+        exp.stop()
+    assert "exporter.kubernetes.incluster" in imported
+    assert not {m for m in imported if m == "kubernetes" or m.startswith(("kubernetes.", "urllib3"))}
+
+
+def test_kubeconfig_goes_through_the_kubernetes_package(cluster: Cluster, api: FakeAPI, tmp_path: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubeconfig (HTTPS, its CA) is read by the `kubernetes` package; discovery works the same."""
+    for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "KUBECONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    cluster.put_slice("kube-dns-k", [Endpoint("127.0.0.11", "coredns-a")])
+    kubeconfig = api.write_kubeconfig(str(tmp_path / "kubeconfig"))
+    with running(exporter_args(f"--kubernetes.kubeconfig={kubeconfig}", tmp_path)) as exp:
+        want = {(cluster.server("127.0.0.10"), "service"), (cluster.server("127.0.0.11"), "endpoint")}
+        wait_for(lambda: set(probed(exp.scrape())) == want, what="Service IP and endpoint via the kubeconfig")
+        assert value(exp.scrape(), UP) == 1
+    assert len(cluster.api.calls("endpointslices", "watch")) == 1
+
+
+def test_rotated_service_account_token_is_picked_up(cluster: Cluster, api: FakeAPI, access: str,
+                                                   tmp_path: Any) -> None:
+    """The kubelet swaps the projected token file; the API server then refuses the old token (401). The
+    exporter reads the new one and follows changes again, without a restart."""
+    cluster.put_slice("kube-dns-r", [Endpoint("127.0.0.11", "coredns-a")])
+    with running(exporter_args(access, tmp_path)) as exp:
+        wait_for(lambda: value(exp.scrape(), UP) == 1, what="watches open")
+        api.rotate_token(str(tmp_path / "sa"), "rotated-token")
+        api.drop_watches()  # the next requests carry a token: must be the new one
+        cluster.put_slice("kube-dns-r", [Endpoint("127.0.0.12", "coredns-b")])
+        wait_for(lambda: (cluster.server("127.0.0.12"), "endpoint") in probed(exp.scrape()), timeout=8,
+                 what="change followed with the rotated token")
+        wait_for(lambda: value(exp.scrape(), UP) == 1, what="kubernetes_up back to 1")
+        assert "Traceback" not in exp.stderr()

@@ -1,7 +1,8 @@
 """The Kubernetes watcher in-process: what it hands to the rest of the exporter that /metrics does not show.
 
-Why a stand-in API server: no kube-apiserver (with etcd) can run on these machines, so the real
-`kubernetes` client talks (through a kubeconfig) to `tests.support.fakeapi.FakeAPI`, which answers with
+Why a stand-in API server: no kube-apiserver (with etcd) can run on these machines, so the exporter's
+in-cluster client talks (HTTPS, a ServiceAccount token and CA the test writes, KUBERNETES_SERVICE_HOST/PORT
+as in a pod) to `tests.support.fakeapi.FakeAPI`, which answers with
 the real API's JSON and chunked watch streams. These tests read the shared objects the table collector and
 the probes use (`PodIndex`, `TargetRegistry`) and check that `stop()` ends every thread within its timeout.
 """
@@ -35,16 +36,23 @@ def wait_for(fn: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any
 
 @pytest.fixture
 def api() -> Iterator[FakeAPI]:
-    fake = FakeAPI(bookmark_interval=0.5).start()
+    fake = FakeAPI(bookmark_interval=0.5, tls=True).start()
     try:
         yield fake
     finally:
         fake.stop()
 
 
+def in_cluster(api: FakeAPI, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for var, v in api.in_cluster_env().items():
+        monkeypatch.setenv(var, v)
+    return config.load_configuration(None, True, api.write_service_account(str(tmp_path / "sa")))
+
+
 @pytest.fixture
-def watcher(api: FakeAPI, tmp_path: Any) -> Iterator[tuple[kube.KubeWatcher, AppContext]]:
-    cfg = config.load_configuration(api.write_kubeconfig(str(tmp_path / "kubeconfig")), in_cluster=False)
+def watcher(api: FakeAPI, tmp_path: Any,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[kube.KubeWatcher, AppContext]]:
+    cfg = in_cluster(api, tmp_path, monkeypatch)
     ctx = AppContext()
     w = kube.KubeWatcher(cfg, NS, SVC, NODE, ctx.discovery, client.Timeouts(max_backoff=0.5))
     try:
@@ -123,13 +131,13 @@ def test_stop_while_retrying_an_unreachable_api(api: FakeAPI, watcher: tuple[kub
     assert time.monotonic() - t0 < 1.0 and w.alive() == []
 
 
-def test_paged_list_and_missing_service(api: FakeAPI, tmp_path: Any) -> None:
+def test_paged_list_and_missing_service(api: FakeAPI, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lists are read page by page (limit/continue); a missing DNS Service leaves its endpoints probed and
     is picked up, without polling, when its slices name it as their owner."""
     for i in range(5):
         api.put(pod("default", f"web-{i}", NODE, f"10.244.1.{10 + i}"))
     api.put(endpoint_slice(NS, SVC, "kube-dns-x", [Endpoint("10.244.0.3", "coredns-a")], owner_uid="old-uid"))
-    cfg = config.load_configuration(api.write_kubeconfig(str(tmp_path / "kubeconfig")), in_cluster=False)
+    cfg = in_cluster(api, tmp_path, monkeypatch)
     ctx = AppContext()
     w = kube.KubeWatcher(cfg, NS, SVC, NODE, ctx.discovery, client.Timeouts(max_backoff=0.5, page_size=2))
     try:

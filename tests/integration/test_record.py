@@ -43,7 +43,7 @@ def test_record_then_replay_serves_the_recorded_numbers(ns: Netns, tmp_path: Pat
 
     # the replay runs outside the namespace (no CAP_NET_ADMIN needed to read a file)
     with Exporter([f"--collector.conntrack.fixtures={out}", f"--collector.table.fixtures={out}",
-                   "--no-collector.dns", "--collector.table.interval=0.1s"]) as exp:
+                   "--no-collector.dns", "--collector.table.interval=0.1s", "--collector.table.cpu-budget=0"]) as exp:
         samples = exp.scrape()
         assert value(samples, "conntrack_entries") == 1500
         assert value(samples, "conntrack_entries_limit") == ctfill.stats(ns.name)[1]

@@ -83,7 +83,7 @@ def test_top_sources_name_the_pods_of_the_api_server(netns: Netns, api: FakeAPI,
     ctfill.fill(ns.name, 603, sources=6)
     kubeconfig = api.write_kubeconfig(str(tmp_path / "kubeconfig"))
     exp = Exporter(["--kubernetes.kubeconfig", kubeconfig, "--kubernetes.node-name", NODE,
-                    "--no-collector.conntrack", "--collector.table.interval=0.3s",
+                    "--no-collector.conntrack", "--collector.table.interval=0.3s", "--collector.table.cpu-budget=0",
                     "--collector.table.top-sources=2"], netns=ns)
     try:
         exp.wait_ready()

@@ -67,6 +67,7 @@ def test_stale_dns_entries_after_the_stale_endpoint_fault(healthy_lab: Lab) -> N
     lab = healthy_lab
     targets = {lab.service_ip, *(b.ip for b in lab.backends)}
     args = ["--collector.dns", "--probe.interval=1h", "--collector.table.interval=0.5s",
+            "--collector.table.cpu-budget=0",
             *(f"--probe.server={t}" for t in sorted(targets))]
     if lab.nodelocal:
         targets.add(lab.nodelocal_ip)

@@ -16,7 +16,8 @@ from tests.unit.table.test_table import FIXTURES, load
 def test_exporter_replays_a_garbled_fixture_without_crashing() -> None:
     """The real process with `--collector.table.fixtures`: partial scan metric, one log line, scrapes fine."""
     env = {"CONNTRACK_DNS_EXPORTER_COLLECTOR_DNS": "false", "CONNTRACK_DNS_EXPORTER_COLLECTOR_CONNTRACK": "false"}
-    exp = Exporter([f"--collector.table.fixtures={FIXTURES / 'table-garbled.json'}", "--collector.table.interval=0.1s"],
+    exp = Exporter([f"--collector.table.fixtures={FIXTURES / 'table-garbled.json'}", "--collector.table.interval=0.1s",
+                    "--collector.table.cpu-budget=0"],
                    env=env)
     try:
         exp.wait_ready()

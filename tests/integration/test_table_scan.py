@@ -351,7 +351,7 @@ def test_exporter_serves_the_breakdown(scene: Scene) -> None:
     ns = scene.ns
     ctfill.fill(ns.name, 2000)
     env = {"CONNTRACK_DNS_EXPORTER_COLLECTOR_DNS": "false", "CONNTRACK_DNS_EXPORTER_COLLECTOR_CONNTRACK": "false"}
-    exp = Exporter(["--collector.table.interval=0.5s"], netns=ns, env=env)
+    exp = Exporter(["--collector.table.interval=0.5s", "--collector.table.cpu-budget=0"], netns=ns, env=env)
     try:
         exp.wait_ready()
         conn = exp.connect()  # one keep-alive connection: scraping adds a single, stable entry

@@ -14,6 +14,11 @@ pointed (through a kubeconfig, `FakeAPI.write_kubeconfig`) at this small threade
   requested resourceVersion is older than the compacted history;
 - errors as `Status` objects (404 NotFound, 403 Forbidden worded like the real authorizer's).
 
+In-cluster mode (`tls=True`): HTTPS with a throw-away CA (`tests.support.pki`); `write_service_account(DIR)`
+writes the ServiceAccount's `token` and `ca.crt` there, and the exporter then finds the server through
+KUBERNETES_SERVICE_HOST/PORT as in a pod. With `token` set, every request must carry
+`Authorization: Bearer <token>` (401 Unauthorized otherwise), so token rotation can be tested.
+
 Test controls: `put`/`delete` objects (one global resourceVersion counter, like etcd), `compact()`,
 `send_gone()` (410 on the open watches), `drop_watches()` (cut streams mid-event), `stop()`/`start()` on the
 same port (a restarting API server), `forbid(verb, resource)`, and `requests` (what the client asked, to
@@ -26,15 +31,21 @@ import base64
 import contextlib
 import copy
 import json
+import os
 import socket
+import ssl
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support import pki
 
 Obj = dict[str, Any]
 
@@ -142,9 +153,17 @@ class _Event:
     obj: Obj
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client gone mid-TLS-handshake or mid-stream (an exporter stopping) is not a test failure
+
+
 class FakeAPI:
-    def __init__(self, bookmark_interval: float = 1.0, host: str = "127.0.0.1") -> None:
+    def __init__(self, bookmark_interval: float = 1.0, host: str = "127.0.0.1", tls: bool = False) -> None:
         self.bookmark_interval = bookmark_interval
+        self.tls = tls
+        self.token: str | None = None  # the bearer token required (None: any)
+        self._pki: Path | None = None
         self.host = host  # e.g. the lab's root-side link address, for an exporter in the lab's node namespace
         self.port = 0
         self.requests: list[Request] = []
@@ -167,11 +186,16 @@ class FakeAPI:
         class Handler(_Handler):
             fake = api
 
-        server = ThreadingHTTPServer((self.host, self.port), Handler, bind_and_activate=False)
+        server = _Server((self.host, self.port), Handler, bind_and_activate=False)
         server.allow_reuse_address = True
         server.daemon_threads = True
         server.server_bind()
         server.server_activate()
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self._certificate())
+            # The handshake happens at the handler thread's first read, never in the accept loop.
+            server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         self.port = server.server_address[1]
         self._server = server
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
@@ -198,11 +222,45 @@ class FakeAPI:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def _certificate(self) -> tuple[Path, Path]:
+        if self._pki is None:
+            self._pki = Path(tempfile.mkdtemp(prefix="fakeapi-pki-"))
+            ca = pki.make_ca(self._pki, "fakeapi-ca")
+            pki.make_cert(self._pki, "apiserver", ca, san=f"IP:{self.host},DNS:kubernetes.default.svc")
+        return self._pki / "apiserver.crt", self._pki / "apiserver.key"
+
+    def write_service_account(self, directory: str, token: str = "test-token") -> str:
+        """The pod's ServiceAccount files (`token`, `ca.crt`) in `directory`; requests then need that token.
+        Set KUBERNETES_SERVICE_HOST=`host`, KUBERNETES_SERVICE_PORT=`port` for the client."""
+        assert self.tls, "the in-cluster path is HTTPS: FakeAPI(tls=True)"
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._certificate()
+        assert self._pki is not None
+        (d / "ca.crt").write_bytes((self._pki / "fakeapi-ca.crt").read_bytes())
+        self.rotate_token(directory, token)
+        return directory
+
+    def rotate_token(self, directory: str, token: str) -> None:
+        """What the kubelet does to a projected token: a new file swapped in atomically, the old one refused."""
+        tmp = Path(directory) / ".token.tmp"
+        tmp.write_text(token)
+        os.replace(tmp, Path(directory) / "token")
+        self.token = token
+
+    def in_cluster_env(self) -> dict[str, str]:
+        return {"KUBERNETES_SERVICE_HOST": self.host, "KUBERNETES_SERVICE_PORT": str(self.port)}
 
     def write_kubeconfig(self, path: str, token: str = "test-token") -> str:
+        cluster: Obj = {"server": self.url}
+        if self.tls:
+            self._certificate()
+            assert self._pki is not None
+            cluster["certificate-authority"] = str(self._pki / "fakeapi-ca.crt")
         cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "fake", "preferences": {},
-               "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+               "clusters": [{"name": "fake", "cluster": cluster}],
                "users": [{"name": "fake", "user": {"token": token}}],
                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}
         with open(path, "w") as f:
@@ -320,6 +378,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(json.dumps({"type": type_, "object": obj}).encode() + b"\n")
 
     def do_GET(self) -> None:
+        token = self.fake.token
+        if token is not None and self.headers.get("Authorization", "") != f"Bearer {token}":
+            self._send_json(401, status(401, "Unauthorized", "Unauthorized"))
+            return
         url = urlsplit(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = [p for p in url.path.split("/") if p]

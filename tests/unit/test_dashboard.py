@@ -39,6 +39,7 @@ EXPORTED = {
     "dns_probe_lookups_total", "dns_probe_lookup_duration_seconds_bucket",
     "conntrack_dns_exporter_collector_success", "conntrack_dns_exporter_kubernetes_up",
     "conntrack_dns_exporter_collector_duration_seconds", "conntrack_dns_exporter_build_info",
+    "conntrack_dns_flows_total", "conntrack_dns_unanswered_flows_total", "conntrack_dns_events_total",
     "ALERTS",  # Prometheus's own series of the shipped rules' alerts
     "dns_probe_endpoint_queries_total",
 }
@@ -46,7 +47,7 @@ PROMQL_WORDS = {"resolver", "result",
                 "sum", "by", "min", "max", "count", "topk", "rate", "increase", "histogram_quantile", "or", "and",
                 "on", "le", "node", "kind", "mode", "collector", "protocol", "state", "namespace", "pod",
                 "transport", "job", "instance", "version", "python_version", "alertname", "alertstate",
-                "severity"}
+                "severity", "backend", "server_kind", "type"}
 INFO = "conntrack_dns_exporter_build_info"
 
 

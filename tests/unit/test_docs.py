@@ -3,6 +3,7 @@ and the README's commands exist."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,10 @@ from exporter.discovery import Discovery, Target
 from exporter.dns.collector import DnsProbeCollector
 from exporter.dns.resolver import ProbeResult, QueryOutcome
 from exporter.dns.store import ProbeStore
+from exporter.dnsflows.collector import DnsFlowsCollector
+from exporter.dnsflows.flows import FlowStats
+from exporter.dnsflows.listener import FlowListener
+from exporter.dnsflows.parse import iter_flows
 from exporter.kubernetes.collector import KubernetesCollector
 from exporter.kubernetes.state import KubeState
 from exporter.table.collector import TableCollector
@@ -60,10 +65,18 @@ def _families() -> list[Metric]:
     store.skip(("10.244.1.5:53", "endpoint"), "busy")
     store.set_present("169.254.20.10:53", True)
     store.record_search("web", 4, 0.01)
+    flows = FlowListener(FlowStats(discovery), events_sysctl=lambda: 2)
+    for hexdata in json.loads((fixtures / "dnsflows-events.json").read_text())["events"]:
+        d = bytes.fromhex(hexdata)
+        for mtype, flow in iter_flows(d, len(d)):
+            if flow is not None:
+                (flows.stats.new if mtype == 256 else flows.stats.destroy)(flow)
+    flows.check_sysctl()
     state = KubeState(("services", "endpointslices", "pods"))
     state.ok("services", 1)
     collectors = [ConntrackCollector(src, StaticSysctlSource(src.sysctl)), TableCollector(table),
-                  DnsProbeCollector(store, discovery.targets), KubernetesCollector(state)]
+                  DnsProbeCollector(store, discovery.targets), KubernetesCollector(state),
+                  DnsFlowsCollector(flows)]
     registry = build_registry(collectors)
     server = ExporterHTTPServer("127.0.0.1", 0, registry)
     try:

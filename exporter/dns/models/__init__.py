@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+from exporter.discovery.ownports import OwnPorts
+
 RESULTS = ("ok", "partial", "failed")
 
 
@@ -36,6 +38,8 @@ class ResolverOptions:
     single_request_reopen: bool = False
     use_vc: bool = False
     vc_limit: float = 135.0  # use-vc has no read timeout in glibc; the probe gives up here (kernel SYN retries: 127 s)
+    # where the probe registers its sockets' local ports (exporter.discovery.ownports), or None
+    own: OwnPorts | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

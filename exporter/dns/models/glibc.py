@@ -40,7 +40,7 @@ import dns.rcode
 import dns.rdatatype
 
 from exporter.dns.models import GlibcState, Lookup, ResolverOptions, Servers
-from exporter.dns.resolver import parse_reply
+from exporter.dns.resolver import parse_reply, register_own, tcp_connect
 
 _OK, _FAIL, _TC = "ok", "fail", "tc"
 _NEXT_NS_RCODES = (dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED)
@@ -97,6 +97,7 @@ class _Glibc:
         host, port = self.servers[ns]
         s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         s.setblocking(False)
+        register_own(s, socket.IPPROTO_UDP, self.opts.own)
         try:
             s.connect((host, port))
         except OSError as e:
@@ -202,7 +203,7 @@ class _Glibc:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(limit):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await tcp_connect(host, port, self.opts.own)
                 writer.write(b"".join(struct.pack("!H", len(q.wire)) + q.wire for q in self.queries))
                 self.result.sent += 2
                 await writer.drain()

@@ -30,6 +30,7 @@ import dns.rcode
 import dns.rdatatype
 
 from exporter.dns.models import GlibcState, Lookup, ResolverOptions, Servers
+from exporter.dns.resolver import register_own
 
 
 def _family_of(servers: Servers) -> int:
@@ -56,6 +57,7 @@ async def lookup(servers: Servers, qname: str, opts: ResolverOptions, state: Gli
     retry_ms = timeout_ms // max(opts.attempts, 1)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setblocking(False)
+    register_own(sock, socket.IPPROTO_UDP, opts.own)
     t_start = time.perf_counter()
 
     def now_ms() -> float:

@@ -1,0 +1,250 @@
+"""The background listener: a NETLINK_NETFILTER socket joined to the NFNLGRP_CONNTRACK_NEW and
+NFNLGRP_CONNTRACK_DESTROY multicast groups of the exporter's network namespace (the node's, under
+hostNetwork), with the BPF filter of `exporter.dnsflows.bpf` attached before joining, so only DNS
+events ever reach it. One thread; the kernel queues events in the socket's receive buffer
+(`--collector.dnsflows.receive-buffer`, SO_RCVBUFFORCE with CAP_NET_ADMIN).
+
+- ENOBUFS: the buffer overflowed and the kernel dropped events (how many, it does not say). Counted
+  (`events_lost`), logged once per burst (overflows less than BURST_GAP apart), and followed by a
+  resync: a dump of the table, of which the port-53 entries are read (at most one resync per
+  RESYNC_MIN_GAP), to find the exporter's own probe flows whose NEW event was lost. Counts of the lost
+  events themselves cannot be recovered, which the docs say.
+- Socket errors (no permission, no ctnetlink): listener down (`listener_up 0`), one log line, retried
+  with a growing back-off.
+- `nf_conntrack_events` = 0: the kernel sends no events at all. Re-read every SYSCTL_EVERY seconds and
+  reported (`events_enabled`); one log line on each change. The exporter never writes the sysctl.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from exporter import netlink
+from exporter.core import logs
+from exporter.core.errors import CollectorError
+from exporter.dnsflows.bpf import dns_port_filter
+from exporter.dnsflows.flows import FlowStats
+from exporter.dnsflows.parse import CT_DELETE, CT_NEW, iter_flows, parse_flow
+from exporter.netlink import ParseError
+
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
+IPCTNL_MSG_CT_GET = 1
+EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
+SYSCTL_EVERY = 30.0
+RESYNC_MIN_GAP = 60.0  # a dump of a full table costs about a second of CPU
+RESYNC_MAX_SECONDS = 10.0
+BATCH_PAUSE = 0.1  # seconds between draining the queue and waiting again (at most 10 wake-ups/s)
+BATCH_BIG = 512  # datagrams in one drain above which the listener does not pause
+BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
+BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+RECV_BUFFER = 1 << 16
+_MSG = struct.Struct("=IH").unpack_from
+
+
+class EventSocket(Protocol):
+    def recv_into(self, buffer: bytearray, nbytes: int = 0, flags: int = 0, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def open_events(receive_buffer: int, use_filter: bool = True) -> socket.socket:
+    """The event socket: filter first, then the groups, so no unfiltered event is ever queued."""
+    sock = netlink.open_socket(recv_timeout=0.5)
+    try:
+        netlink.set_receive_buffer(sock, receive_buffer)
+        if use_filter:
+            netlink.attach_filter(sock, dns_port_filter())
+        netlink.subscribe(sock, (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_events_sysctl(path: Path = EVENTS_SYSCTL) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def dump_dns_flows(stats: FlowStats, deadline: float) -> list[int]:
+    """Dump the table; the conntrack ids of the port-53 entries that are the exporter's own probes."""
+    own: list[int] = []
+    sock = netlink.open_socket(recv_timeout=1.0)
+    try:
+        sock.send(netlink.build_request(IPCTNL_MSG_CT_GET, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP, 1))
+        buf = bytearray(RECV_BUFFER)
+        while time.monotonic() < deadline:
+            n = sock.recv_into(buf)
+            for mtype, flow in iter_flows(buf, n):
+                if mtype == netlink.NLMSG_DONE:
+                    return own
+                if mtype == netlink.NLMSG_ERROR:
+                    err = netlink.error_code(memoryview(buf)[16:n]) if n >= 20 else errno.EIO
+                    if err:
+                        raise netlink.NetlinkError(err, "conntrack table dump (resync)")
+                    return own
+                if flow is not None and stats.own(flow):
+                    own.append(flow[7])
+            if n == 0:
+                break
+    finally:
+        sock.close()
+    return own
+
+
+def feed(stats: FlowStats, buf: bytearray, n: int) -> None:
+    """Account every message of one datagram (the kernel sends one event per datagram)."""
+    off = 0
+    while off + 16 <= n:
+        mlen, mtype = _MSG(buf, off)
+        if mlen < 16 or off + mlen > n:
+            raise ParseError(f"truncated netlink message at offset {off} (length {mlen}, {n - off} left)")
+        flow = parse_flow(buf, off, off + mlen) if mtype in (CT_NEW, CT_DELETE) else None
+        if flow is None:
+            stats.other_event()
+        elif mtype == CT_NEW:
+            stats.new(flow)
+        else:
+            stats.destroy(flow)
+        off += (mlen + 3) & ~3
+
+
+class FlowListener:
+    """Receives conntrack events on its own thread and feeds them into a `FlowStats`."""
+
+    name = "dnsflows"
+
+    def __init__(self, stats: FlowStats, *, receive_buffer: int = 4 << 20, use_filter: bool = True,
+                 open_socket: Callable[[], EventSocket] | None = None,
+                 events_sysctl: Callable[[], int | None] = read_events_sysctl,
+                 resync: Callable[[FlowStats, float], list[int]] = dump_dns_flows) -> None:
+        self.stats = stats
+        self.use_filter = use_filter
+        self._open = open_socket or (lambda: open_events(receive_buffer, use_filter))
+        self._sysctl = events_sysctl
+        self._resync = resync
+        self.up = False
+        self.events_enabled: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_resync: float | None = None
+        self._log = logs.get("dnsflows")
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.check_sysctl()
+        self._thread = threading.Thread(target=self._loop, name="dnsflows", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check_sysctl(self) -> None:
+        value = self._sysctl()
+        if value == self.events_enabled:
+            return
+        if value == 0:
+            self._log.warning("nf_conntrack_events is 0: the kernel sends no conntrack events, so no DNS flows "
+                              "are seen; set net.netfilter.nf_conntrack_events=2 (or 1) on the node to enable "
+                              "them (the exporter never changes it)")
+        elif self.events_enabled == 0:
+            self._log.warning("nf_conntrack_events enabled again", extra={"kv": {"value": value}})
+        self.events_enabled = value
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                sock = self._open()
+            except CollectorError as e:
+                if self.up or failures == 0:
+                    self._log.warning("DNS flow listener down: %s", e, extra={"kv": {"reason": e.reason}})
+                self.up = False
+                self._stop.wait(BACKOFF[min(failures, len(BACKOFF) - 1)])
+                failures += 1
+                continue
+            if failures:
+                self._log.warning("DNS flow listener up again")
+            failures = 0
+            self.up = True
+            try:
+                self._receive(sock)
+            finally:
+                sock.close()
+
+    def _receive(self, sock: EventSocket) -> None:
+        buf = bytearray(RECV_BUFFER)
+        stats = self.stats
+        next_sysctl = time.monotonic() + SYSCTL_EVERY
+        last_lost = float("-inf")
+        blocking = True
+        batch = 0
+        while not self._stop.is_set():
+            try:
+                n = sock.recv_into(buf, 0, 0 if blocking else socket.MSG_DONTWAIT)
+            except (BlockingIOError, TimeoutError, InterruptedError):
+                n = -1
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    stats.lost_events()
+                    now = time.monotonic()
+                    if now - last_lost > BURST_GAP:  # one line per burst of overflows
+                        self._log.warning("conntrack events lost (ENOBUFS: the receive buffer overflowed); "
+                                          "resyncing from a table dump; raise --collector.dnsflows.receive-buffer "
+                                          "if this repeats")
+                    last_lost = now
+                    self._resync_once()
+                    continue
+                self._log.warning("DNS flow listener: receive failed: %s; reopening", e.strerror)
+                self.up = False
+                return
+            if n == 0:  # a replay ended
+                self._stop.wait(0.05)
+                continue
+            if n > 0:
+                try:
+                    feed(stats, buf, n)
+                except CollectorError as e:  # a garbled event: count it, keep listening
+                    stats.other_event()
+                    self._log.debug("unreadable conntrack event: %s", e)
+                if blocking:
+                    blocking = False  # drain what is queued without waiting, then pause
+                    batch = 0
+                batch += 1
+                continue
+            if not blocking:
+                # The queue is drained: pause before the next wait, so that a steady stream is read in
+                # batches (tens of events per wake-up) rather than one wake-up per event, which would cost
+                # more than parsing. The receive buffer holds the events meanwhile; a big batch means a
+                # heavy stream, which is read on at once so that the buffer does not overflow.
+                blocking = True
+                if batch < BATCH_BIG:
+                    self._stop.wait(BATCH_PAUSE)
+            stats.refresh()  # the pod map and targets, at most once per REFRESH seconds
+            if time.monotonic() >= next_sysctl:
+                next_sysctl = time.monotonic() + SYSCTL_EVERY
+                self.check_sysctl()
+
+    def _resync_once(self) -> None:
+        now = time.monotonic()
+        if self._last_resync is not None and now - self._last_resync < RESYNC_MIN_GAP:
+            return
+        self._last_resync = now
+        try:
+            own = self._resync(self.stats, now + RESYNC_MAX_SECONDS)
+        except (CollectorError, OSError) as e:
+            self._log.warning("resync after lost conntrack events failed: %s", e)
+            return
+        self.stats.resynced(own)
+        self._log.info("resynced after lost conntrack events", extra={"kv": {"own_probe_flows": len(own)}})

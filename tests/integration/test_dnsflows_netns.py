@@ -1,0 +1,132 @@
+"""The dnsflows listener against real kernel events in a fresh namespace: the BPF filter attached to the
+real event socket keeps non-DNS churn out (and without it the same churn does arrive, so the check can
+fail), and an overflowing receive buffer is counted, resynced and survived.
+
+The exporter runs as a process inside the namespace; the churn is `tests.support.churn` in a second
+process there (UDP datagrams to ever new destinations, TCP SYNs to a closed port, DNS queries to
+127.53.x.y where nothing answers). The namespace's UDP timeout is lowered to 1 s (a child namespace's
+own sysctl) so DESTROY events follow within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.exporter_proc import Exporter, value
+from tests.support.netns import Netns
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.netns
+BASE = ["--no-collector.conntrack", "--no-collector.table", "--no-collector.dns"]
+
+
+@pytest.fixture
+def tracked(netns: Netns) -> Iterator[Netns]:
+    """The namespace with conntrack in use (a rule that needs it) and a 1 s UDP timeout."""
+    netns.exec(["nft", "add table inet t; add chain inet t o { type filter hook output priority 0; }; "
+                       "add rule inet t o ct state new counter"])
+    netns.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=1"])
+    yield netns
+
+
+def churn(ns: Netns, seconds: float, other: int, dns: int) -> dict[str, Any]:
+    out = ns.exec([sys.executable, "-m", "tests.support.churn", str(seconds), str(other), str(dns)],
+                  timeout=seconds + 30)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def events(exp: Exporter, typ: str) -> float:
+    return value(exp.scrape(), "conntrack_dns_events_total", type=typ) or 0.0
+
+
+def test_non_dns_churn_never_reaches_the_listener_with_the_filter(tracked: Netns) -> None:
+    with Exporter(BASE, netns=tracked) as exp:
+        wait_until("listener up", lambda: value(exp.scrape(), "conntrack_dns_listener_up") == 1, 10)
+        sent = churn(tracked, 2, 15000, 100)
+        dns = sent["dns_udp"] + sent["dns_tcp"]
+        assert sent["other_udp"] + sent["other_tcp"] > 10 * dns
+        wait_until("every DNS flow's NEW event", lambda: events(exp, "new") >= dns, 15)
+        samples = exp.scrape()
+        assert value(samples, "conntrack_dns_events_total", type="new") == dns
+        assert value(samples, "conntrack_dns_events_total", type="other") == 0
+        assert value(samples, "conntrack_dns_events_lost_total") == 0
+        assert value(samples, "conntrack_dns_flows_total", server_kind="other", backend="other") == dns
+        # nobody answers at 127.53.x.y: once the entries expire, every one of them is unanswered
+        wait_until("the DESTROY events", lambda: events(exp, "destroy") >= dns, 40, interval=0.5)
+        samples = exp.scrape()
+        assert value(samples, "conntrack_dns_unanswered_flows_total", server_kind="other", backend="other") == dns
+        assert value(samples, "conntrack_dns_events_total", type="other") == 0
+
+
+def test_without_the_filter_the_same_churn_floods_the_listener(tracked: Netns) -> None:
+    with Exporter([*BASE, "--collector.dnsflows.debug-unfiltered"], netns=tracked) as exp:
+        wait_until("listener up", lambda: value(exp.scrape(), "conntrack_dns_listener_up") == 1, 10)
+        sent = churn(tracked, 2, 15000, 100)
+        other = sent["other_udp"] + sent["other_tcp"]
+        # every non-DNS NEW event arrives (some may be lost to overflow under this flood: that is the point)
+        lost = lambda: value(exp.scrape(), "conntrack_dns_events_lost_total") or 0  # noqa: E731
+        wait_until("the non-DNS events", lambda: events(exp, "other") >= other * 0.9 or lost() > 0, 20)
+        assert events(exp, "other") > 1000
+
+
+def test_an_overflowing_receive_buffer_is_counted_resynced_and_survived(tracked: Netns) -> None:
+    """The exporter is frozen (SIGSTOP) during a burst of DNS flows, so its 64 KiB receive buffer overflows
+    for certain; thawed, it counts the loss, resyncs once, logs one line, and then sees new flows whole."""
+    with Exporter([*BASE, "--collector.dnsflows.receive-buffer=65536", "--log.level=info"], netns=tracked) as exp:
+        wait_until("listener up", lambda: value(exp.scrape(), "conntrack_dns_listener_up") == 1, 10)
+        exp.proc.send_signal(signal.SIGSTOP)
+        try:
+            sent = churn(tracked, 0.5, 0, 2000)
+        finally:
+            exp.proc.send_signal(signal.SIGCONT)
+        dns = sent["dns_udp"] + sent["dns_tcp"]
+        wait_until("lost events", lambda: (value(exp.scrape(), "conntrack_dns_events_lost_total") or 0) > 0, 15)
+        wait_until("a resync", lambda: (value(exp.scrape(), "conntrack_dns_resyncs_total") or 0) >= 1, 15)
+        assert 0 < events(exp, "new") < dns  # what fitted in the buffer was read
+        log = exp.stderr()
+        assert log.count("conntrack events lost") == 1 and "resynced after lost conntrack events" in log, log
+        # it recovers: a trickle afterwards is seen whole
+        before = events(exp, "new")
+        trickle = churn(tracked, 1, 0, 20)
+        n = trickle["dns_udp"] + trickle["dns_tcp"]
+        wait_until("the trickle's NEW events", lambda: events(exp, "new") >= before + n, 15)
+        assert value(exp.scrape(), "conntrack_dns_listener_up") == 1
+        assert exp.proc.poll() is None
+        assert "Traceback" not in exp.stderr()
+
+
+def test_an_unprivileged_exporter_reports_the_listener_down_in_one_line(netns: Netns) -> None:
+    """Without CAP_NET_ADMIN the kernel refuses the event groups: listener down, one log line, no crash."""
+    if subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
+        pytest.skip("needs setpriv (util-linux)")
+    exp = Exporter(BASE, netns=netns, preexec=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                                 "--inh-caps=-all", "--bounding-set=-all"])
+    try:
+        exp.wait_ready()
+        wait_until("listener down", lambda: value(exp.scrape(), "conntrack_dns_listener_up") == 0, 10)
+        log = exp.stderr()
+        assert log.count("DNS flow listener down") == 1 and "CAP_NET_ADMIN" in log, log
+    finally:
+        exp.stop()
+
+
+def test_events_disabled_is_reported_and_the_sysctl_left_alone(tracked: Netns) -> None:
+    """nf_conntrack_events=0 in the namespace (its own sysctl): the kernel sends nothing; the exporter says
+    so once and in a metric, and the sysctl is still 0 afterwards."""
+    tracked.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_events=0"])
+    with Exporter(BASE, netns=tracked) as exp:
+        wait_until("events_enabled 0", lambda: value(exp.scrape(), "conntrack_dns_events_enabled") == 0, 10)
+        churn(tracked, 0.5, 0, 50)
+        time.sleep(1)
+        assert events(exp, "new") == 0  # so the metric is the only hint
+        assert exp.stderr().count("nf_conntrack_events is 0") == 1, exp.stderr()
+    assert tracked.exec(["sysctl", "-n", "net.netfilter.nf_conntrack_events"]).stdout.strip() == "0"
