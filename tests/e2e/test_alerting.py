@@ -102,7 +102,7 @@ def env(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         stack.start()
         e = Env(lab, stack, exporter, workdir / "e2e-latencies.json")
         wait_until("first scrapes with probe data of both zones", lambda: stack.query(
-            f'count(dns_probe_requests_total{{job="{JOB}", node="{NODE}", zone="external", kind="endpoint"}}) > 0'),
+            f'count(dns_probe_endpoint_queries_total{{job="{JOB}", node="{NODE}", zone="external"}}) > 0'),
             90)
         yield e
     finally:
