@@ -227,13 +227,7 @@ def _loss(lab: Lab, args: list[str]) -> None:
 
 def _heal_loss(lab: Lab) -> None:
     lab.node.exec(["nft", "delete", "table", "ip", "lab-loss"], check=False)
-    # The NodeLocal analogue (unbound) remembers an upstream that timed out for up to 15 minutes (its infra
-    # cache) and keeps failing after the loss is gone; node-local-dns (CoreDNS) retries at once. Healed means
-    # healed from where the pods stand, so it starts afresh.
-    if lab.nodelocal and lab.proc_running("nodelocal"):
-        lab.stop_proc("nodelocal")
-        lab.start_nodelocal()
-        lab._wait_dns(lab.node, lab.nodelocal_ip, lab.cluster_name)
+    _restart_nodelocal(lab)
 
 
 # ---- upstream ---------------------------------------------------------------------------------------------
@@ -249,6 +243,17 @@ def _heal_upstream(lab: Lab) -> None:
         for b in lab.backends:
             if lab.proc_running(b.name):
                 lab._wait_dns(lab.pod, b.ip, lab.external_name)
+        _restart_nodelocal(lab)
+
+
+def _restart_nodelocal(lab: Lab) -> None:
+    """The NodeLocal analogue (unbound) keeps an upstream that failed in its infra cache for minutes and goes on
+    failing after the heal; node-local-dns (CoreDNS) retries at once. Healed means healed from where the pods
+    stand, so it starts afresh."""
+    if lab.nodelocal and lab.proc_running("nodelocal"):
+        lab.stop_proc("nodelocal")
+        lab.start_nodelocal()
+        lab._wait_dns(lab.node, lab.nodelocal_ip, lab.cluster_name)
 
 
 # ---- slow backend -----------------------------------------------------------------------------------------
