@@ -37,29 +37,31 @@ class Snapshot:
 
 
 def _tallies(new: TargetStats, old: TargetStats | None) -> dict[tuple[str, str], Tally]:
+    """Per (mode, zone): the store counts cluster and external names apart (`zone`); the duration histogram
+    has no zone, so slowness is told on the cluster names' tally."""
     out: dict[tuple[str, str], Tally] = {}
-    for (mode, qt), n in new.requests.items():
+    for (mode, qt, zone), n in new.requests.items():
         if qt != "A":
             continue
-        lookups = n - (old.requests.get((mode, qt), 0) if old else 0)
+        lookups = n - (old.requests.get((mode, qt, zone), 0) if old else 0)
         if lookups <= 0:
             continue
         failed_by_qt: dict[str, int] = {}
         reasons: dict[str, int] = {}
-        for (m, q, reason), f in new.failures.items():
-            if m != mode or reason == "mismatch":
+        for (m, q, z, reason), f in new.failures.items():
+            if m != mode or z != zone or reason == "mismatch":
                 continue
-            d = f - (old.failures.get((m, q, reason), 0) if old else 0)
+            d = f - (old.failures.get((m, q, z, reason), 0) if old else 0)
             if d > 0:
                 failed_by_qt[q] = failed_by_qt.get(q, 0) + d
                 reasons[reason] = reasons.get(reason, 0) + d
         h = new.histograms.get(mode)
         slow = 0
-        if h is not None:
+        if h is not None and zone == CLUSTER:
             before = old.histograms.get(mode) if old else None
             slow = sum(h.counts[_SLOW_BUCKET:]) - (sum(before.counts[_SLOW_BUCKET:]) if before else 0)
         failed = min(lookups, max(failed_by_qt.values(), default=0))
-        out[(mode, CLUSTER)] = Tally(lookups=lookups, failed=failed, slow=max(0, slow - failed), reasons=reasons)
+        out[(mode, zone)] = Tally(lookups=lookups, failed=failed, slow=max(0, slow - failed), reasons=reasons)
     return out
 
 

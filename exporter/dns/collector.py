@@ -52,15 +52,16 @@ class DnsProbeCollector:
             "Time a probe lookup (A and AAAA) took until both answers or final failures were in hand.",
             labels=[*LABELS, "mode"])
         requests = CounterMetricFamily(
-            "dns_probe_requests", "Probe lookups sent, per query type.", labels=[*LABELS, "mode", "qtype"])
+            "dns_probe_requests", "Probe lookups sent, per query type and name class (zone).",
+            labels=[*LABELS, "mode", "qtype", "zone"])
         failures = CounterMetricFamily(
             "dns_probe_failures",
             "Probe queries that failed, by reason; reason mismatch counts ignored stray replies.",
-            labels=[*LABELS, "mode", "qtype", "reason"])
+            labels=[*LABELS, "mode", "qtype", "zone", "reason"])
         retries = CounterMetricFamily(
             "dns_probe_retries",
             "Probe queries answered only after a retransmission (the application waited a full timeout).",
-            labels=[*LABELS, "mode", "qtype"])
+            labels=[*LABELS, "mode", "qtype", "zone"])
         partial = CounterMetricFamily(
             "dns_probe_partial_pairs",
             "Parallel probes where one query of the A/AAAA pair was answered on the first attempt and the "
@@ -91,7 +92,8 @@ class DnsProbeCollector:
         endpoint = CounterMetricFamily(
             "dns_probe_endpoint_queries",
             "Probe queries to a sampled DNS endpoint, by result: ok, retried (answered after a retransmission) "
-            "or the failure reason.", labels=[*LABELS, "result"])
+            "or the failure reason; slow: answered on the first transmission after more than 0.5 s.",
+            labels=[*LABELS, "zone", "result"])
         skipped = CounterMetricFamily(
             "dns_probe_skipped",
             "Probe rounds a target could not run on time; reason busy: its previous probe was still running.",
@@ -110,17 +112,17 @@ class DnsProbeCollector:
             for reason, n in sorted(st.skipped.items()):
                 skipped.add_metric([server, kind, reason], n)
             if kind in COMPACT_KINDS:  # sampled CoreDNS endpoints: results only (docs/scale.md)
-                for result, n in sorted(st.results.items()):
-                    endpoint.add_metric([server, kind, result], n)
+                for (z, result), n in sorted(st.results.items()):
+                    endpoint.add_metric([server, kind, z, result], n)
                 continue
             for mode, h in sorted(st.histograms.items()):
                 duration.add_metric([server, kind, mode], h.cumulative(), h.total)
-            for (mode, qt), n in sorted(st.requests.items()):
-                requests.add_metric([server, kind, mode, qt], n)
-            for (mode, qt), n in sorted(st.retries.items()):
-                retries.add_metric([server, kind, mode, qt], n)
-            for (mode, qt, reason), n in sorted(st.failures.items()):
-                failures.add_metric([server, kind, mode, qt, reason], n)
+            for (mode, qt, z), n in sorted(st.requests.items()):
+                requests.add_metric([server, kind, mode, qt, z], n)
+            for (mode, qt, z), n in sorted(st.retries.items()):
+                retries.add_metric([server, kind, mode, qt, z], n)
+            for (mode, qt, z, reason), n in sorted(st.failures.items()):
+                failures.add_metric([server, kind, mode, qt, z, reason], n)
             for qt, n in sorted(st.partial.items()):
                 partial.add_metric([server, kind, qt], n)
             if st.partial:

@@ -24,7 +24,7 @@ from exporter.dns.collector import DnsProbeCollector
 from exporter.dns.models import DEFAULT_RESOLVERS, RESOLVERS
 from exporter.dns.resolver import MODES
 from exporter.dns.scheduler import ProbeConfig, ProbeService
-from exporter.dns.store import ProbeStore
+from exporter.dns.store import DEFAULT_CLUSTER_DOMAIN, ProbeStore
 
 DEFAULT_NAME = "kubernetes.default.svc.cluster.local."
 DEFAULT_TIMEOUT = 5.0  # glibc's RES_TIMEOUT
@@ -66,6 +66,10 @@ def search_name(text: str) -> str:
     return _name(text, absolute=False)
 
 
+def cluster_domain(text: str) -> str:
+    return probe_name(text).rstrip(".")
+
+
 def modes(text: str) -> tuple[str, ...]:
     out: list[str] = []
     for m in (p.strip() for p in text.split(",")):
@@ -102,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="NodeLocal DNSCache address (e.g. 169.254.20.10), probed only while it answers.")
     add_flag(g, "--probe.name", action="append", type=probe_name, default=[DEFAULT_NAME], metavar="NAME",
              help=f"Name to look up (A and AAAA); repeatable (default {DEFAULT_NAME}).")
+    add_flag(g, "--probe.cluster-domain", default=DEFAULT_CLUSTER_DOMAIN, type=cluster_domain, metavar="DOMAIN",
+             help="Probe names in this domain count as zone=\"cluster\", all others as zone=\"external\" "
+                  "(so the upstream's failures show apart from CoreDNS's).")
     add_flag(g, "--probe.modes", default=("parallel", "tcp"), type=modes, metavar="MODE,...",
              help="Per-query probe modes: parallel (A+AAAA on one UDP socket), sequential (a fresh socket "
                   "per query), tcp (one connection).")
@@ -159,7 +166,7 @@ def build(args: argparse.Namespace, ctx: AppContext) -> Built:
         endpoints_per_round=args.probe_endpoints_per_round,
         node=node_name(args),
     )
-    store = ProbeStore()
+    store = ProbeStore(config.names, args.probe_cluster_domain)
     ctx.shared["dns.store"] = store
     return Built(collectors=[DnsProbeCollector(store, ctx.targets)],
                  services=[ProbeService(config, ctx.discovery, store)])

@@ -254,7 +254,7 @@ class ProbeService:
     async def _probe_mode(self, t: Target, key: tuple[str, str], mode: str, sem: asyncio.Semaphore) -> None:
         for name in self.config.names:
             r = await self._lookup(sem, t, name, mode)
-            self.store.record(key, r)  # dropped if the target was removed meanwhile
+            self.store.record(key, r, name)  # dropped if the target was removed meanwhile
             failing = ",".join(sorted({f"{q}={o.reason}" for q, o in r.outcomes.items() if o.reason}))
             state_key = (t.server, t.kind, mode, name)
             if self._state.get(state_key, "") != failing:

@@ -4,6 +4,10 @@ Keyed by target (`server`, `kind`): `ensure()` creates a target's series, `retai
 that left the target registry, and `record()` drops results for a target it does not know (removed while
 its lookup was in flight), so a removed target's series never come back. The collector renders the
 targets the registry lists now, so a removed target disappears from the very next scrape.
+
+Counters are kept per name class (`zone`): `cluster` for probe names inside the cluster domain, `external` for
+the others, so an upstream outage (external names fail, cluster names resolve) is visible as series of its own
+while several names of one class still add into one series (two values at most: the label stays bounded).
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ from dataclasses import dataclass, field
 
 from exporter.dns.models import RESULTS, Lookup
 from exporter.dns.resolver import QTYPES, ProbeResult
+
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+ZONES = ("cluster", "external")
+
+
+def zone_of(name: str, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
+    """`cluster` if `name` is the cluster domain or inside it (case-insensitive, trailing dots ignored)."""
+    n, d = name.rstrip(".").lower(), cluster_domain.strip(".").lower()
+    return "cluster" if n == d or n.endswith("." + d) else "external"
 
 # Sub-millisecond (a node-local cache) to tens of ms (a cluster DNS pod), 0.5 s (the slow-probe alert),
 # then the resolver plateaus:
@@ -30,6 +43,9 @@ LOOKUP_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1.0, 3.75, 7.5, 12.5, 17.5, 25.0, 140.
 TargetKey = tuple[str, str]  # (server label, kind)
 
 COMPACT_KINDS = ("endpoint",)  # kinds recorded as results only (dns_probe_endpoint_queries_total)
+# A compact kind has no histogram: an answer on the first transmission slower than this counts as result
+# `slow` instead of `ok`, so a slow CoreDNS pod can still be named (the alerts' 500 ms, the field's p99).
+SLOW_ANSWER_SECONDS = 0.5
 
 
 def result_of(reason: str | None, attempt: int) -> str:
@@ -64,11 +80,11 @@ class Histogram:
 @dataclass
 class TargetStats:
     histograms: dict[str, Histogram] = field(default_factory=dict)              # mode
-    requests: dict[tuple[str, str], int] = field(default_factory=dict)          # (mode, qtype)
-    retries: dict[tuple[str, str], int] = field(default_factory=dict)           # (mode, qtype)
-    failures: dict[tuple[str, str, str], int] = field(default_factory=dict)     # (mode, qtype, reason)
+    requests: dict[tuple[str, str, str], int] = field(default_factory=dict)     # (mode, qtype, zone)
+    retries: dict[tuple[str, str, str], int] = field(default_factory=dict)      # (mode, qtype, zone)
+    failures: dict[tuple[str, str, str, str], int] = field(default_factory=dict)  # (mode, qtype, zone, reason)
     partial: dict[str, int] = field(default_factory=dict)                       # lost qtype (parallel only)
-    results: dict[str, int] = field(default_factory=dict)                       # result (compact kinds)
+    results: dict[tuple[str, str], int] = field(default_factory=dict)           # (zone, result) (compact kinds)
     skipped: dict[str, int] = field(default_factory=dict)                       # reason
     lone: dict[str, int] = field(default_factory=lambda: {"answered": 0, "lost": 0})  # lone UDP sends
     lookups: dict[tuple[str, str], int] = field(default_factory=dict)           # (resolver, result)
@@ -100,7 +116,11 @@ class _CountingLock:
 
 
 class ProbeStore:
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = ("kubernetes.default.svc.cluster.local.",),
+                 cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> None:
+        """`names`: the probed names, whose zones get their series at zero from the start."""
+        self.cluster_domain = cluster_domain
+        self._zones = tuple(z for z in ZONES if z in {zone_of(n, cluster_domain) for n in names}) or ZONES[:1]
         self._lock = _CountingLock()
         self._targets: dict[TargetKey, TargetStats] = {}
         self._present: dict[str, bool] = {}        # nodelocal server -> answering
@@ -120,14 +140,17 @@ class ProbeStore:
             for mode in modes:
                 st.histograms[mode] = Histogram()
                 for qt in QTYPES:
-                    st.requests[(mode, qt)] = 0
-                    st.retries[(mode, qt)] = 0
+                    for z in self._zones:
+                        st.requests[(mode, qt, z)] = 0
+                        st.retries[(mode, qt, z)] = 0
                 if mode == "parallel":
                     for qt in QTYPES:
                         st.partial[qt] = 0
 
-    def record(self, key: TargetKey, result: ProbeResult) -> None:
+    def record(self, key: TargetKey, result: ProbeResult, name: str | None = None) -> None:
+        """Add one lookup of `name` (counted in its zone; without a name, in the first configured zone)."""
         mode = result.mode
+        z = zone_of(name, self.cluster_domain) if name is not None else self._zones[0]
         with self._lock:
             st = self._targets.get(key)
             if st is None:
@@ -135,18 +158,20 @@ class ProbeStore:
             if key[1] in COMPACT_KINDS:
                 for out in result.outcomes.values():
                     r = result_of(out.reason, out.attempt)
-                    st.results[r] = st.results.get(r, 0) + 1
+                    if r == "ok" and result.duration > SLOW_ANSWER_SECONDS:
+                        r = "slow"
+                    st.results[(z, r)] = st.results.get((z, r), 0) + 1
             st.histograms.setdefault(mode, Histogram()).observe(result.duration)
             for qt, out in result.outcomes.items():
-                st.requests[(mode, qt)] = st.requests.get((mode, qt), 0) + 1
+                st.requests[(mode, qt, z)] = st.requests.get((mode, qt, z), 0) + 1
                 if out.reason is not None:
-                    k = (mode, qt, out.reason)
+                    k = (mode, qt, z, out.reason)
                     st.failures[k] = st.failures.get(k, 0) + 1
-                st.retries.setdefault((mode, qt), 0)
+                st.retries.setdefault((mode, qt, z), 0)
             for qt in result.retried:
-                st.retries[(mode, qt)] += 1
+                st.retries[(mode, qt, z)] += 1
             for qt, n in result.mismatches.items():
-                k = (mode, qt, "mismatch")
+                k = (mode, qt, z, "mismatch")
                 st.failures[k] = st.failures.get(k, 0) + n
             if mode == "parallel" and result.partial_lost is not None:
                 st.partial[result.partial_lost] = st.partial.get(result.partial_lost, 0) + 1

@@ -2,11 +2,11 @@
 end-to-end tests. Both servers run in the test's (root) namespace on 127.0.0.1; Prometheus scrapes the
 exporter in the lab's node namespace over the lab's own link-local veth, so nothing leaves the machine.
 
-Prometheus loads the shipped rule file unchanged and an accelerated copy of the same rules
-(scripts/gen_alerts.py `time_scale=1/60`: every `for` and range window divided by 60, labelled
-`ruleset="accelerated"`), so one run shows the shipped rules pending and the copy firing and resolving.
-Only firing/resolved alerts reach Alertmanager, which routes everything to `Webhook`, a small HTTP server
-in the test that records each notification.
+Prometheus loads the shipped rule file unchanged (with their real windows and `for`), optionally next to an
+accelerated copy of the same rules (scripts/gen_alerts.py `time_scale=1/60`, labelled `ruleset="accelerated"`).
+Alertmanager carries the shipped `inhibit_rules` (alerts/alertmanager/inhibit-rules.yaml), so a cause alert
+holds back its symptoms as in production, and routes everything to `Webhook`, a small HTTP server in the test
+that records each notification.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tests.support.wait import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_RULES = ROOT / "alerts" / "conntrack-dns-exporter.rules.yaml"
+SHIPPED_INHIBIT = ROOT / "alerts" / "alertmanager" / "inhibit-rules.yaml"
 JOB = "conntrack-dns-exporter"
 ACCELERATED = {"ruleset": "accelerated"}
 SCRAPE_INTERVAL = "1s"
@@ -105,25 +106,29 @@ class Stack:
     """Alertmanager -> webhook, Prometheus scraping `target` (labelled node=`node`) plus a file_sd file for
     extra exporters added while running."""
 
-    def __init__(self, workdir: Path, target: str, node: str) -> None:
+    def __init__(self, workdir: Path, target: str, node: str, accelerated: bool = True,
+                 interval: str = SCRAPE_INTERVAL) -> None:
         self.dir = workdir
         self.webhook = Webhook()
         self.prom_port, self.am_port = free_port(), free_port()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         gen = generator()
-        accelerated = gen.render_groups(time_scale=1 / 60, extra_labels=ACCELERATED, group_prefix="accelerated.")
-        (workdir / "accelerated.rules.yaml").write_text(gen.rule_file_text(accelerated))
+        accelerated_rules = gen.render_groups(time_scale=1 / 60, extra_labels=ACCELERATED,
+                                              group_prefix="accelerated.")
+        (workdir / "accelerated.rules.yaml").write_text(gen.rule_file_text(accelerated_rules))
         (workdir / "extra-targets.json").write_text("[]")
         (workdir / "alertmanager.yml").write_text(yaml.safe_dump({
             "route": {"receiver": "webhook", "group_by": ["alertname", "node", "ruleset"], "group_wait": "1s",
                       "group_interval": "1s", "repeat_interval": "1h"},
             "receivers": [{"name": "webhook", "webhook_configs": [
                 {"url": f"http://127.0.0.1:{self.webhook.port}/", "send_resolved": True}]}],
+            "inhibit_rules": yaml.safe_load(SHIPPED_INHIBIT.read_text())["inhibit_rules"],
         }))
+        rule_files = [str(SHIPPED_RULES)] + ([str(workdir / "accelerated.rules.yaml")] if accelerated else [])
+        timeout = "10s" if interval.endswith("s") and int(interval[:-1]) > 10 else interval
         (workdir / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": SCRAPE_INTERVAL, "scrape_timeout": SCRAPE_INTERVAL,
-                       "evaluation_interval": SCRAPE_INTERVAL},
-            "rule_files": [str(SHIPPED_RULES), str(workdir / "accelerated.rules.yaml")],
+            "global": {"scrape_interval": interval, "scrape_timeout": timeout, "evaluation_interval": interval},
+            "rule_files": rule_files,
             "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{self.am_port}"]}]}]},
             "scrape_configs": [{
                 "job_name": JOB,
@@ -184,6 +189,10 @@ class Stack:
     def query(self, expr: str) -> list[dict[str, Any]]:
         data = self.api("/api/v1/query", query=expr)
         return list(data["result"])
+
+    def active(self) -> list[Alert]:
+        """Every alert Prometheus holds now (pending or firing)."""
+        return list(self.api("/api/v1/alerts")["alerts"])
 
     def alerts(self, name: str, state: str, accelerated: bool, **labels: str) -> list[Alert]:
         """Alerts Prometheus itself holds (pending included), from the shipped or the accelerated rules."""

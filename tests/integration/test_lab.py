@@ -123,6 +123,17 @@ def test_upstream_down_breaks_external_names_only(healthy_lab: Lab) -> None:
     assert ratio(lab, name=lab.external_name, n=10, timeout=1.0) == 1.0
 
 
+def test_nodelocal_down_silences_the_cache_address_only(healthy_lab: Lab) -> None:
+    """NodeLocal DNSCache going away (the pod deleted): nothing answers on its address, the Service IP still does."""
+    lab = healthy_lab
+    assert query(lab.node.name, lab.nodelocal_ip, lab.cluster_name, timeout=1.0).ok
+    lab.fault("nodelocal-down")
+    assert not any(query(lab.node.name, lab.nodelocal_ip, lab.cluster_name, timeout=0.5).ok for _ in range(3))
+    assert ratio(lab, n=10) == 1.0
+    lab.heal("nodelocal-down")
+    assert query(lab.node.name, lab.nodelocal_ip, lab.cluster_name, timeout=1.0).ok
+
+
 def test_slow_backend_adds_the_delay(healthy_lab: Lab) -> None:
     lab = healthy_lab
     lab.fault("slow-backend", 250)

@@ -61,6 +61,28 @@ def test_make_demo_table_full_walkthrough_exits_clean() -> None:
     assert _leftovers(prefix.group(1)) == []
 
 
+@pytest.mark.slow
+def test_make_demo_names_the_cause_and_shows_it_resolve_after_the_heal() -> None:
+    """The default walkthrough of backend-down: the exporter discovers the Service and its two endpoints from
+    the Kubernetes stand-in, the cause alert (CoreDNSPodNotAnswering, the dead pod named) goes pending, fires,
+    reaches Alertmanager; the lab heals and the demo ends once the alert resolved, printing the timeline."""
+    env = {**os.environ, "DEMO_INTERVAL": "20"}
+    r = subprocess.run(["make", "-s", "demo", "SCENARIO=backend-down"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=720)
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    assert "endpoint" in out and "service" in out  # both target kinds are probed
+    m = re.search(r"cause alert CoreDNSPodNotAnswering: pending t=(\d+)s, firing t=(\d+)s, alertmanager t=(\d+)s, "
+                  r"resolved t=(\d+)s \(fault at t=(\d+)s, healed at t=(\d+)s, (\d+)s after the heal\)", out)
+    assert m, out[-3000:]
+    pending, firing, at_am, resolved, fault, healed, after = map(int, m.groups())
+    assert fault <= pending <= firing <= at_am <= healed < resolved
+    assert firing - fault <= 180 and after <= 300
+    assert "cause DNSServiceIPPathBroken" not in out and "cause DNSNodePacketLoss" not in out
+    prefix = re.search(r"lab (cdlabdemo\d+) up", out)
+    assert prefix and _leftovers(prefix.group(1)) == []
+
+
 def test_demo_stops_cleanly_on_sigterm() -> None:
     p = subprocess.Popen([sys.executable, "-m", "tests.lab", "demo", "--interval", "2"], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

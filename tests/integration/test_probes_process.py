@@ -27,7 +27,7 @@ def test_exporter_process_serves_probe_metrics_and_stops_promptly(tmp_path: Path
             assert (value(samples, "dns_probe_partial_pairs_total", server=s.address, kind="static",
                           lost_qtype="AAAA") or 0) >= 1
             assert (value(samples, "dns_probe_failures_total", server=s.address, kind="static", mode="tcp",
-                          qtype="AAAA", reason="timeout") or 0) >= 1
+                          qtype="AAAA", zone="cluster", reason="timeout") or 0) >= 1
             assert value(samples, "conntrack_dns_exporter_collector_success", collector="dns") == 1
             t0 = time.monotonic()
             assert exp.stop() == 0

@@ -12,7 +12,7 @@ Three exporters share the node namespace:
 - :19103 `--web.notrack`                  -> even brand-new connections work at 100% (and a new
   connection to :19101, whose port is tracked, does not).
 With the project's alert rules loaded (`for` shortened), ConntrackTableNearFull and
-ConntrackDroppingPackets fire for the keep-alive instance.
+ConntrackTableFull fire for the keep-alive instance.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def test_alerts_fire_at_full_table(fulltable: dict[str, Any]) -> None:
     prom: Prometheus = fulltable["prom"]
     deadline = time.monotonic() + 20
     firing: set[str] = set()
-    want = {"ConntrackTableNearFull", "ConntrackDroppingPackets"}
+    want = {"ConntrackTableNearFull", "ConntrackTableFull"}
     while time.monotonic() < deadline and not want <= firing:
         alerts = prom.api("alerts")["data"]["alerts"]
         firing = {al["labels"]["alertname"] for al in alerts

@@ -1,6 +1,12 @@
 """`make demo`: the exporter watching a live lab, scraped by real Prometheus with real Alertmanager behind it,
 and a one-screen summary every few seconds. With a scenario it walks through one incident:
-healthy -> fault injected -> what the exporter and alerts show -> healed.
+healthy -> fault injected -> the cause alert pending, firing, at Alertmanager (its symptoms held back by the
+shipped inhibit_rules) -> healed -> the cause alert resolved. Without `--seconds` a scenario heals once the
+cause reached Alertmanager and ends once it resolved.
+
+The exporter discovers the DNS Service and its two endpoints (with their pods) from the project's Kubernetes
+API stand-in (tests/support/fakeapi.py), as the DaemonSet does from the API server, so causes on the
+Service-IP path and on one CoreDNS pod can be told apart.
 
 Prometheus and Alertmanager run in the root namespace on 127.0.0.1 and scrape the exporter across the
 lab's root<->node veth, so every scrape crosses the node's conntrack table as a real scrape does.
@@ -25,13 +31,27 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tests.lab import faults
 from tests.lab.dnsq import query
 from tests.lab.topology import REPO, Lab
+from tests.support import fakeapi
 from tests.support.exporter_proc import free_port
 
 EXPORTER_PORT = 19153
 SCRAPE_INTERVAL = "5s"
+NODE = "lab-node"
+INHIBIT_RULES = REPO / "alerts" / "alertmanager" / "inhibit-rules.yaml"
+# The cause alert each scenario should name (docs/alerts.md); the race names whichever this kernel shows.
+CAUSES: dict[str, tuple[str, ...]] = {
+    "table-full": ("ConntrackTableFull",), "race": ("ConntrackClashResolving", "ConntrackInsertFailed"),
+    "backend-down": ("CoreDNSPodNotAnswering",), "stale-endpoint": ("DNSServiceIPPathBroken",),
+    "loss": ("DNSNodePacketLoss",), "upstream-down": ("DNSUpstreamFailing",), "slow-backend": ("CoreDNSPodSlow",),
+    "nodelocal-down": ("NodeLocalDNSCacheDown",),
+}
+HEAL_AT_THE_LATEST = 240.0  # s after the fault, if the cause never reached Alertmanager
+END_AT_THE_LATEST = 300.0  # s after the heal, if it never resolved
 
 
 class Stop(Exception):
@@ -53,13 +73,18 @@ def _http_json(port: int, path: str, timeout: float = 3.0) -> Any:
         conn.close()
 
 
-def _exporter_flags() -> list[str]:
-    """Probe flags for the lab's targets, each only if this exporter has it (`--help` lists it)."""
+def _exporter_flags(kubeconfig: str | None = None) -> list[str]:
+    """Probe flags for the lab's targets, each only if this exporter has it (`--help` lists it). With a
+    kubeconfig the DNS Service and its endpoints come from Kubernetes discovery, else the Service IP is a
+    static target."""
     helptext = subprocess.run([sys.executable, "-m", "exporter", "--help"], cwd=REPO, capture_output=True,
                               text=True, timeout=30).stdout
     wanted = [
         ("--collector.dns", "--collector.dns"),
-        ("--probe.server", f"--probe.server={Lab.service_ip}"),
+        *([("--kubernetes.kubeconfig", "--kubernetes.enabled=true"),
+           ("--kubernetes.kubeconfig", f"--kubernetes.kubeconfig={kubeconfig}"),
+           ("--kubernetes.node-name", f"--kubernetes.node-name={NODE}")] if kubeconfig
+          else [("--probe.server", f"--probe.server={Lab.service_ip}")]),
         ("--probe.nodelocal", f"--probe.nodelocal={Lab.nodelocal_ip}"),
         ("--probe.name", f"--probe.name={Lab.cluster_name}"),
         ("--probe.name", f"--probe.name={Lab.external_name}"),
@@ -155,6 +180,60 @@ class Prom:
         return None if math.isnan(v) else v
 
 
+class Timeline:
+    """When each alert was first pending and firing in Prometheus, reached Alertmanager (active, or held back
+    by inhibition) and resolved, in seconds since the demo started."""
+
+    def __init__(self, prom_port: int, am_port: int, start: float) -> None:
+        self.prom_port, self.am_port, self.start = prom_port, am_port, start
+        self.events: dict[str, dict[str, float]] = {}  # alertname -> event -> t
+        self.role: dict[str, str] = {}
+        self.suppressed: set[str] = set()
+        self._at_am: set[str] = set()
+
+    def _mark(self, name: str, event: str, t: float) -> None:
+        self.events.setdefault(name, {}).setdefault(event, t)
+
+    def poll(self) -> None:
+        t = time.monotonic() - self.start
+        prom = _http_json(self.prom_port, "/api/v1/alerts")
+        if isinstance(prom, dict):
+            for a in prom.get("data", {}).get("alerts", []):
+                name = a["labels"].get("alertname", "?")
+                self.role[name] = a["labels"].get("role", "")
+                self._mark(name, a.get("state", "?"), t)
+        am = _http_json(self.am_port, "/api/v2/alerts")
+        if isinstance(am, list):
+            now_active, now_suppressed = set(), set()
+            for a in am:
+                name = a["labels"].get("alertname", "?")
+                if a.get("status", {}).get("state") == "suppressed":
+                    now_suppressed.add(name)
+                else:
+                    now_active.add(name)
+                    self._mark(name, "alertmanager", t)
+            for name in self._at_am - now_active:
+                self.events[name]["resolved"] = t
+            for name in now_active - self._at_am:
+                if "resolved" in self.events.get(name, {}):
+                    self.events[name].pop("resolved")
+            self._at_am = now_active
+            self.suppressed |= now_suppressed
+
+    def line(self, name: str) -> str:
+        ev = self.events.get(name, {})
+        parts = [f"{e} t={ev[e]:.0f}s" for e in ("pending", "firing", "alertmanager", "resolved") if e in ev]
+        return f"{name}: " + (", ".join(parts) if parts else "not seen")
+
+    def lines(self) -> list[str]:
+        causes = sorted(n for n, r in self.role.items() if r == "cause")
+        out = [f"  cause {self.line(n)}" for n in causes]
+        held = sorted(self.suppressed)
+        if held:
+            out.append(f"  held back at Alertmanager by inhibition (symptoms of a cause): {', '.join(held)}")
+        return out
+
+
 def _timeline(seconds: float | None) -> tuple[float, float]:
     """When the fault goes in and when it is healed (seconds from start)."""
     if seconds is None:
@@ -169,7 +248,7 @@ def _fmt(v: float | None, unit: str = "") -> str:
 
 
 def summary(lab: Lab, prom: Prom, am_port: int, client: PodClient, prev: dict[str, float], elapsed: float,
-            phase: str, urls: str, notes: list[str], interval: float) -> str:
+            phase: str, urls: str, notes: list[str], interval: float, timeline: Timeline | None = None) -> str:
     lines = [f"== conntrack-dns-exporter demo | lab {lab.prefix} | t={elapsed:.0f}s | {phase}", urls]
     lines += [f"   note: {n}" for n in notes]
     entries = prom.scalar("sum(conntrack_entries)")
@@ -215,8 +294,15 @@ def summary(lab: Lab, prom: Prom, am_port: int, client: PodClient, prev: dict[st
         lines.append(f"alerts: firing {', '.join(firing) or 'none'}; pending {', '.join(pending) or 'none'}")
     am = _http_json(am_port, "/api/v2/alerts")
     if isinstance(am, list):
-        lines.append(f"alertmanager: {len(am)} alert(s) received"
-                     + (": " + ", ".join(sorted({a['labels'].get('alertname', '?') for a in am})) if am else ""))
+        active = sorted({a["labels"].get("alertname", "?") for a in am
+                         if a.get("status", {}).get("state") != "suppressed"})
+        held = sorted({a["labels"].get("alertname", "?") for a in am
+                       if a.get("status", {}).get("state") == "suppressed"})
+        lines.append(f"alertmanager: notifying {', '.join(active) or 'nothing'}"
+                     + (f"; held back by inhibition: {', '.join(held)}" if held else ""))
+    if timeline is not None and timeline.role:
+        lines.append("alert timeline (t = seconds since start):")
+        lines += timeline.lines()
     return "\n".join(lines)
 
 
@@ -247,28 +333,37 @@ def run_demo(scenario: str | None = None, seconds: float | None = None, interval
     old_term = signal.signal(signal.SIGTERM, on_term)
     lab: Lab | None = None
     client: PodClient | None = None
+    api: fakeapi.FakeAPI | None = None
     tty = sys.stdout.isatty()
     try:
         lab = Lab.up(prefix=f"cdlabdemo{os.getpid()}")
         print(f"lab {lab.prefix} up: pod {lab.pod_ip}, service {lab.service_ip}, "
               f"backends {', '.join(b.ip for b in lab.backends)}, nodelocal {lab.nodelocal_ip}", flush=True)
-        flags = _exporter_flags()
+        api = fakeapi.FakeAPI(host=lab.host_root_ip).start()
+        api.put(fakeapi.service("kube-system", "kube-dns", lab.service_ip))
+        api.put(fakeapi.endpoint_slice("kube-system", "kube-dns", "kube-dns-lab", [
+            fakeapi.Endpoint(b.ip, f"coredns-lab-{b.index}", node=NODE) for b in lab.backends]))
+        flags = _exporter_flags(api.write_kubeconfig(str(lab.run_dir / "kubeconfig")))
         lab.start_exporter(*flags, port=EXPORTER_PORT)
         prom_port, am_port = free_port(), free_port()
         rules, notes = _rule_files(lab.run_dir)
         pdir, adir = lab.run_dir / "prometheus", lab.run_dir / "alertmanager"
         pdir.mkdir()
         adir.mkdir()
-        (adir / "alertmanager.yml").write_text(
-            "route:\n  receiver: lab\n  group_wait: 5s\n  group_interval: 10s\n  repeat_interval: 1h\n"
-            "receivers:\n  - name: lab\n")
+        am_config: dict[str, Any] = {
+            "route": {"receiver": "lab", "group_by": ["alertname", "node"], "group_wait": "5s",
+                      "group_interval": "10s", "repeat_interval": "1h"},
+            "receivers": [{"name": "lab"}]}
+        if INHIBIT_RULES.exists():
+            am_config["inhibit_rules"] = yaml.safe_load(INHIBIT_RULES.read_text())["inhibit_rules"]
+        (adir / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
         rule_yaml = "".join(f"  - {json.dumps(r)}\n" for r in rules) or "  []\n"
         (pdir / "prometheus.yml").write_text(
             f"global:\n  scrape_interval: {SCRAPE_INTERVAL}\n  evaluation_interval: {SCRAPE_INTERVAL}\n"
             f"rule_files:\n{rule_yaml}"
             f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{am_port}']\n"
             f"scrape_configs:\n  - job_name: conntrack-dns-exporter\n    static_configs:\n"
-            f"      - targets: ['{lab.host_node_ip}:{EXPORTER_PORT}']\n        labels: {{node: lab-node}}\n")
+            f"      - targets: ['{lab.host_node_ip}:{EXPORTER_PORT}']\n        labels: {{node: {NODE}}}\n")
         lab.spawn("alertmanager", None, [
             "prometheus-alertmanager", f"--config.file={adir / 'alertmanager.yml'}", f"--storage.path={adir}",
             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=", "--log.level=warn"])
@@ -293,11 +388,28 @@ def run_demo(scenario: str | None = None, seconds: float | None = None, interval
         prom = Prom(prom_port)
         prev: dict[str, float] = {}
         start = time.monotonic()
+        timeline = Timeline(prom_port, am_port, start)
+        causes = CAUSES.get(scenario or "", ())
+        auto = scenario is not None and seconds is None  # heal once the cause is at Alertmanager, end once resolved
+        fault_t = healed_t = earliest_heal = 0.0
         next_screen = start + min(interval, 3.0)
+        next_poll = start
         while True:
             now = time.monotonic()
             elapsed = now - start
             if seconds is not None and elapsed >= seconds:
+                break
+            if now >= next_poll:
+                timeline.poll()
+                next_poll = now + 1.0
+            named = [c for c in causes if c in timeline.events]
+            if auto and state == "fault" and (
+                    (any("alertmanager" in timeline.events[c] for c in named) and elapsed >= earliest_heal)
+                    or elapsed >= fault_t + HEAL_AT_THE_LATEST):
+                heal_at = elapsed
+            if auto and state == "healed" and (
+                    (any(timeline.events[c].get("resolved", -1) >= healed_t for c in named)
+                     and elapsed >= healed_t + 10) or elapsed >= healed_t + END_AT_THE_LATEST):
                 break
             # The healthy phase ends once Prometheus has scraped the exporter (so there is a "before" to
             # compare with), or 10 s after the planned time at the latest.
@@ -306,23 +418,41 @@ def run_demo(scenario: str | None = None, seconds: float | None = None, interval
                 print(f"--- t={elapsed:.0f}s injecting fault: {scenario} {' '.join(args)}", flush=True)
                 lab.fault(scenario, *args)
                 state = "fault"
+                fault_t = elapsed
                 # Injecting can take a while (filling the table); leave two scrapes after it before healing,
                 # so Prometheus and the summary show the fault, but heal before the end.
                 done = time.monotonic() - start
                 limit = seconds - 7 if seconds is not None else float("inf")
                 heal_at = max(heal_at, min(done + 2 * 5 + 1, limit))
-                phase = f"FAULT {scenario} {' '.join(args)} (heal at t={heal_at:.0f}s)"
+                if auto:
+                    heal_at = float("inf")  # once the cause alert reached Alertmanager (15 s at the earliest)
+                    earliest_heal = done + 15
+                    phase = (f"FAULT {scenario} {' '.join(args)} (healed once {' or '.join(causes)} reaches "
+                             "Alertmanager)")
+                else:
+                    phase = f"FAULT {scenario} {' '.join(args)} (heal at t={heal_at:.0f}s)"
             elif state == "fault" and elapsed >= heal_at:
                 print(f"--- t={elapsed:.0f}s healing: {scenario}", flush=True)
                 lab.heal_all()
                 state = "healed"
-                phase = f"healed {scenario}"
+                healed_t = time.monotonic() - start
+                phase = f"healed {scenario}" + (" (ends once the cause alert resolved)" if auto else "")
             if now >= next_screen:
-                text = summary(lab, prom, am_port, client, prev, elapsed, phase, urls, notes, interval)
+                text = summary(lab, prom, am_port, client, prev, elapsed, phase, urls, notes, interval, timeline)
                 print(("\033[H\033[2J" if tty else "\n") + text, flush=True)
                 next_screen = now + interval
             time.sleep(0.2)
-        print(f"demo finished after {seconds:.0f}s", flush=True)
+        if scenario:
+            for c in causes or ():
+                if c in timeline.events:
+                    ev = timeline.events[c]
+                    after = (f", {ev['resolved'] - healed_t:.0f}s after the heal"
+                             if "resolved" in ev and state == "healed" else "")
+                    print(f"cause alert {timeline.line(c)} (fault at t={fault_t:.0f}s, healed at "
+                          f"t={healed_t:.0f}s{after})", flush=True)
+            if not any(c in timeline.events for c in causes):
+                print(f"cause alert {' or '.join(causes)}: not seen in this run", flush=True)
+        print(f"demo finished after {time.monotonic() - start:.0f}s", flush=True)
     except (KeyboardInterrupt, Stop):
         print("\ndemo interrupted", flush=True)
     except (RuntimeError, ValueError, OSError) as e:
@@ -334,6 +464,8 @@ def run_demo(scenario: str | None = None, seconds: float | None = None, interval
         try:
             if client is not None:
                 client.stop()
+            if api is not None:
+                api.stop()
             if lab is not None:
                 with contextlib.suppress(Exception):
                     lab.heal_all()

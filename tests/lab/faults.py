@@ -9,6 +9,7 @@
     loss PERCENT         the node drops PERCENT % of DNS (UDP 53) packets at random
     upstream-down        stop the upstream server: external names fail, cluster names still work
     slow-backend MS [N]  backend N (default: all) answers MS milliseconds late (a delaying relay in front of it)
+    nodelocal-down       stop the NodeLocal DNSCache analogue (its address stays, nothing answers on it)
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ if TYPE_CHECKING:
 
 SLOW_PORT = 5353
 NAMES = ("table-full", "race", "backend-down", "backend-up", "stale-endpoint", "loss", "upstream-down",
-         "slow-backend")
+         "slow-backend", "nodelocal-down")
 
 # The demo's scenarios: a fault and the arguments it is walked through with.
 SCENARIOS: dict[str, list[str]] = {
     "table-full": ["100"], "race": [], "backend-down": ["0"], "stale-endpoint": [], "loss": ["30"],
-    "upstream-down": [], "slow-backend": ["400"],
+    "upstream-down": [], "slow-backend": ["800"], "nodelocal-down": [],
 }
 
 
@@ -96,7 +97,8 @@ def heal(lab: Lab, name: str) -> None:
 
 
 def heal_all(lab: Lab) -> None:
-    for name in ("race", "table-full", "loss", "stale-endpoint", "slow-backend", "upstream-down", "backend-down"):
+    for name in ("race", "table-full", "loss", "stale-endpoint", "slow-backend", "upstream-down", "nodelocal-down",
+                 "backend-down"):
         heal(lab, name)
 
 
@@ -225,6 +227,7 @@ def _loss(lab: Lab, args: list[str]) -> None:
 
 def _heal_loss(lab: Lab) -> None:
     lab.node.exec(["nft", "delete", "table", "ip", "lab-loss"], check=False)
+    _restart_nodelocal(lab)
 
 
 # ---- upstream ---------------------------------------------------------------------------------------------
@@ -240,6 +243,17 @@ def _heal_upstream(lab: Lab) -> None:
         for b in lab.backends:
             if lab.proc_running(b.name):
                 lab._wait_dns(lab.pod, b.ip, lab.external_name)
+        _restart_nodelocal(lab)
+
+
+def _restart_nodelocal(lab: Lab) -> None:
+    """The NodeLocal analogue (unbound) keeps an upstream that failed in its infra cache for minutes and goes on
+    failing after the heal; node-local-dns (CoreDNS) retries at once. Healed means healed from where the pods
+    stand, so it starts afresh."""
+    if lab.nodelocal and lab.proc_running("nodelocal"):
+        lab.stop_proc("nodelocal")
+        lab.start_nodelocal()
+        lab._wait_dns(lab.node, lab.nodelocal_ip, lab.cluster_name)
 
 
 # ---- slow backend -----------------------------------------------------------------------------------------
@@ -273,11 +287,26 @@ def _heal_slow(lab: Lab) -> None:
         lab.stop_proc(f"slow-{b.index}")
 
 
+# ---- nodelocal ---------------------------------------------------------------------------------------------
+def _nodelocal_down(lab: Lab, args: list[str]) -> None:
+    if not lab.nodelocal:
+        raise FaultError("this lab has no NodeLocal DNSCache (it was built with --no-nodelocal)")
+    lab.stop_proc("nodelocal")
+
+
+def _heal_nodelocal(lab: Lab) -> None:
+    if lab.nodelocal and not lab.proc_running("nodelocal"):
+        lab.start_nodelocal()
+        lab._wait_dns(lab.node, lab.nodelocal_ip, lab.cluster_name)
+
+
 _INJECT: dict[str, Callable[[Lab, list[str]], Any]] = {
     "table-full": _table_full, "race": _race, "backend-down": _backend_down, "backend-up": _backend_up,
     "stale-endpoint": _stale, "loss": _loss, "upstream-down": _upstream_down, "slow-backend": _slow,
+    "nodelocal-down": _nodelocal_down,
 }
 _HEAL: dict[str, Callable[[Lab], None]] = {
     "table-full": _heal_table_full, "race": _heal_race, "stale-endpoint": _heal_stale, "loss": _heal_loss,
     "upstream-down": _heal_upstream, "slow-backend": _heal_slow, "backend-up": lambda lab: None,
+    "nodelocal-down": _heal_nodelocal,
 }

@@ -226,7 +226,8 @@ def test_prometheusrule_is_the_rule_file() -> None:
     for g in pr["spec"]["groups"]:
         assert g["name"] and g["rules"]
         for r in g["rules"]:
-            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"} or set(r) == {"record", "expr"}
+            assert set(r) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"} or set(r) == {
+                "record", "expr"}
 
 
 def test_dashboard_configmap_carries_the_dashboard() -> None:

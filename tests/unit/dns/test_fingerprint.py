@@ -23,11 +23,12 @@ def _ratio(tmp_path: Path, behaviour: Behaviour) -> tuple[float, float, float]:
         labels = {"server": f"{s.host}:{s.port}", "kind": "static"}
         lp.service.start()
         try:
-            wait_for(lambda: (lp.get("dns_probe_requests_total", **labels, mode="parallel", qtype="A") or 0) >= PAIRS,
+            wait_for(lambda: (lp.get("dns_probe_requests_total", **labels, mode="parallel", qtype="A",
+                                     zone="cluster") or 0) >= PAIRS,
                      timeout=60)
         finally:
             lp.service.stop(2.0)
-    pairs = lp.get("dns_probe_requests_total", **labels, mode="parallel", qtype="A") or 0
+    pairs = lp.get("dns_probe_requests_total", **labels, mode="parallel", qtype="A", zone="cluster") or 0
     partial = sum(lp.get("dns_probe_partial_pairs_total", **labels, lost_qtype=q) or 0 for q in ("A", "AAAA"))
     lost = lp.get("dns_probe_lone_queries_total", **labels, result="lost") or 0
     answered = lp.get("dns_probe_lone_queries_total", **labels, result="answered") or 0

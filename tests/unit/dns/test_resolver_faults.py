@@ -46,10 +46,12 @@ class Probe:
 
     def run(self, mode: str, attempts: int = 2, timeout: float = TIMEOUT, name: str = NAME) -> ProbeResult:
         r = asyncio.run(lookup(self.target.host, self.target.port, name, mode, timeout, attempts))
-        self.store.record(self.key, r)
+        self.store.record(self.key, r, name)
         return r
 
     def value(self, metric: str, **labels: str) -> float | None:
+        if metric in ("dns_probe_requests_total", "dns_probe_retries_total", "dns_probe_failures_total"):
+            labels = {"zone": "cluster", **labels}  # NAME is inside the cluster domain
         return self.registry.get_sample_value(metric, {"server": self.target.server, "kind": "static", **labels})
 
     def failures(self, mode: str, qtype: str, reason: str) -> float | None:

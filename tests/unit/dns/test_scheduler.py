@@ -72,7 +72,8 @@ def requests(lp: Loop, server: str, kind: str = "static") -> float:
     if kind == "endpoint":
         return sum(v for labels, v in lp.samples("dns_probe_endpoint_queries_total").items()
                    if ("server", server) in labels)
-    return lp.get("dns_probe_requests_total", server=server, kind=kind, mode="parallel", qtype="A") or 0.0
+    return lp.get("dns_probe_requests_total", server=server, kind=kind, mode="parallel", qtype="A",
+                  zone="cluster") or 0.0
 
 
 def test_scrape_does_not_wait_for_a_slow_probe(loop: Loop, servers: list[DnsServer]) -> None:
@@ -202,7 +203,8 @@ def test_sampled_endpoints_rotate_while_the_service_ip_is_probed_every_round(tmp
         assert lp.get("dns_probe_duration_seconds_count", server=service.server, kind="service", mode="parallel")
         assert lp.get("dns_probe_duration_seconds_count", server=eps[0].server, kind="endpoint",
                       mode="parallel") is None
-        assert (lp.get("dns_probe_endpoint_queries_total", server=eps[0].server, kind="endpoint", result="ok")
+        assert (lp.get("dns_probe_endpoint_queries_total", server=eps[0].server, kind="endpoint", zone="cluster",
+                   result="ok")
                 or 0) >= 2
     finally:
         for s in servers:
@@ -245,7 +247,7 @@ def test_nodelocal_is_probed_only_while_it_answers(loop: Loop, servers: list[Dns
     wait_for(lambda: loop.get("dns_probe_nodelocal_present", server=t.server) == 0, timeout=10)
     assert loop.get("dns_probe_target_info", server=t.server, kind="nodelocal", pod="") is None
     assert loop.get("dns_probe_failures_total", server=t.server, kind="nodelocal", mode="parallel", qtype="A",
-                    reason="timeout") in (None, 0.0, 1.0), "an absent cache is not a stream of failures"
+                    zone="cluster", reason="timeout") in (None, 0.0, 1.0), "an absent cache is not a stream of failures"
 
 
 def test_search_walk_counts_the_ndots_amplification(tmp_path: Path) -> None:
