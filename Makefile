@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps test lint unit image-test demo bench clean
+.PHONY: deps test test-long lint unit image-test demo bench clean
 
 deps:
 	@bash scripts/bootstrap.sh
@@ -18,6 +18,11 @@ test: lint
 
 unit: deps
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## make test-long: the long tests left out of make test: the whole e2e fault matrix (~5 min a fault), the
+## 30-minute healthy soak, the glibc/musl distribution comparison (~3 min)
+test-long: deps
+	CDE_SLOW=1 $(PY) -m pytest tests/e2e tests/integration/test_resolver_distribution.py -m "long or slow" $(PYTEST_ARGS)
 
 ## make image-test: build the image with podman on a local bookworm base and run it with runc as the DaemonSet
 ## does, with and without NET_ADMIN (root; apt-get install podman buildah mmdebstrap uidmap runc; ~1-2 min)

@@ -61,6 +61,11 @@ FAULTS: dict[str, tuple[tuple[Any, ...], str]] = {
     "nodelocal-down": (("nodelocal-down",), "NodeLocalDNSCacheDown"),
 }
 
+# In `make test` (CI's budget): the CoreDNS cause, its Service-IP symptoms inhibited (the full-table cause fires in
+# tests/integration/test_web_fulltable.py). The
+# whole matrix takes about 5 minutes per fault and runs with `-m long` (`make test-long`).
+DEFAULT_FAULTS = ("backend-down",)
+
 
 class Env:
     def __init__(self, lab: Lab, stack: Stack, exporter: Any, report: Path) -> None:
@@ -151,9 +156,11 @@ def _received(env: Env, since: float) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_each_fault_names_exactly_its_cause_and_resolves_after_the_heal(healthy_lab: Lab, env: Env,
-                                                                        fault: str) -> None:
+def test_each_fault_names_exactly_its_cause_and_resolves_after_the_heal(healthy_lab: Lab, env: Env, fault: str,
+                                                                        request: pytest.FixtureRequest) -> None:
     (name, *args), cause = FAULTS[fault]
+    if fault not in DEFAULT_FAULTS and "long" not in (request.config.getoption("-m") or ""):
+        pytest.skip(f"{fault}: the full fault matrix (about 5 minutes a fault) runs with -m long")
     env.quiet(f"no alert left before {fault}")
     start = time.monotonic()
     healthy_lab.fault(name, *args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from exporter.diagnose.evidence import CLUSTER, EXTERNAL, ConntrackEvidence, Evidence, Tally, TargetEvidence
-from exporter.diagnose.verdict import decide
+from exporter.diagnose.verdict import CAUSES, decide
 
 ZERO = {"drop": 0.0, "insert_failed": 0.0, "clash_resolve": 0.0, "early_drop": 0.0}
 
@@ -120,3 +120,17 @@ def test_unexplained_failures_are_not_called_healthy() -> None:
     assert (v.status, v.cause) == ("degraded", "DNSProbeFailures")
 
 
+def test_cause_names_are_the_shipped_alert_names_or_documented() -> None:
+    from pathlib import Path
+
+    runbooks = {p.stem for p in (Path(__file__).resolve().parents[3] / "docs" / "runbooks").glob("*.md")}
+    missing = sorted(set(CAUSES) - runbooks)
+    assert not missing, f"causes without a runbook: {missing}"
+
+
+def test_every_runbook_starts_from_diagnose() -> None:
+    from pathlib import Path
+
+    for p in (Path(__file__).resolve().parents[3] / "docs" / "runbooks").glob("*.md"):
+        if p.name != "README.md":
+            assert "conntrack-dns-exporter diagnose" in p.read_text(), p.name
