@@ -34,7 +34,9 @@ PROMETHEUS_RULE_FILE = ROOT / "deploy" / "components" / "prometheusrule" / "prom
 INHIBIT_FILE = ROOT / "alerts" / "alertmanager" / "inhibit-rules.yaml"
 ALERTMANAGER_CONFIG_FILE = ROOT / "deploy" / "components" / "alertmanagerconfig" / "alertmanagerconfig.yaml"
 # The Helm chart's copy of the rule file (its PrometheusRule template reads it; charts cannot read outside).
-CHART_RULES_FILE = ROOT / "deploy" / "helm" / "conntrack-dns-exporter" / "files" / "conntrack-dns-exporter.rules.yaml"
+CHART_FILES = ROOT / "deploy" / "helm" / "conntrack-dns-exporter" / "files"
+CHART_RULES_FILE = CHART_FILES / "conntrack-dns-exporter.rules.yaml"
+CHART_ALERTMANAGER_CONFIG_FILE = CHART_FILES / "alertmanagerconfig.yaml"  # the chart's template reads its spec
 
 DEFAULT_JOB = "conntrack-dns-exporter"
 RUNBOOK_BASE_URL = "https://github.com/conntrack-dns-exporter/conntrack-dns-exporter/blob/main/docs/runbooks/"
@@ -664,7 +666,8 @@ def outputs(job: str = DEFAULT_JOB, runbook_base_url: str = RUNBOOK_BASE_URL) ->
     return {RULES_FILE: rule_file_text(groups), PROMETHEUS_RULE_FILE: prometheus_rule_text(groups),
             INHIBIT_FILE: inhibit_file_text(), ALERTMANAGER_CONFIG_FILE: alertmanager_config_text(),
             # Always the defaults: the chart substitutes its own job and runbook base URL for these.
-            CHART_RULES_FILE: rule_file_text(render_groups())}
+            CHART_RULES_FILE: rule_file_text(render_groups()),
+            CHART_ALERTMANAGER_CONFIG_FILE: alertmanager_config_text()}
 
 
 def _shown(path: Path) -> str:

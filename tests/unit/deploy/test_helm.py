@@ -86,8 +86,8 @@ def test_default_values_install_no_crd_objects() -> None:
 
 def test_kube_prometheus_stack_values_label_everything_for_its_selectors() -> None:
     objs = helm_template(NS, NS, KPS_VALUES)
-    assert policy.only_crd_objects_are(objs) == {"ServiceMonitor", "PrometheusRule"}
-    for kind in ("ServiceMonitor", "PrometheusRule"):
+    assert policy.only_crd_objects_are(objs) == {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"}
+    for kind in ("ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"):
         assert one(objs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack", kind
     pr = one(objs, "PrometheusRule")
     assert pr["spec"] == yaml.safe_load(RULE_FILE.read_text()), "the PrometheusRule is the shipped rule file"
@@ -97,6 +97,18 @@ def test_kube_prometheus_stack_values_label_everything_for_its_selectors() -> No
     ((key, text),) = cm["data"].items()
     assert key == DASHBOARD.name
     assert json.loads(text) == json.loads(DASHBOARD.read_text())
+
+
+def test_the_alertmanager_config_carries_the_shipped_inhibition() -> None:
+    """With `alertmanagerConfig.enabled` the chart installs the same inhibit rules as the kustomize component
+    (and alerts/alertmanager/inhibit-rules.yaml, which amtool checks), labelled for the operator's selector."""
+    objs = helm_template(NS, NS, "alertmanagerConfig.enabled=true",
+                         "alertmanagerConfig.additionalLabels.alertmanagerConfig=main")
+    amc = one(objs, "AlertmanagerConfig")
+    component = yaml.safe_load((ROOT / "deploy/components/alertmanagerconfig/alertmanagerconfig.yaml").read_text())
+    assert amc["spec"] == component["spec"] and amc["spec"]["inhibitRules"]
+    assert amc["metadata"]["namespace"] == NS and amc["metadata"]["labels"]["alertmanagerConfig"] == "main"
+    assert not [o for o in helm_template() if o["kind"] == "AlertmanagerConfig"], "off by default"
 
 
 def test_non_default_values_reach_every_object() -> None:
