@@ -16,6 +16,11 @@ import yaml
 
 from exporter.kubernetes.client import RBAC_RULES
 
+# `kubectl kustomize` writes the AlertmanagerConfig's `matchType: =` unquoted. Go's YAML (what kubectl and the
+# API server read) takes a plain `=` as the string "="; PyYAML takes it for YAML 1.1's rarely used `value`
+# tag and refuses it. Read it as Go does.
+yaml.SafeLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "deploy" / "helm" / "conntrack-dns-exporter"
 BIN = Path(sys.executable).parent

@@ -16,12 +16,12 @@ from . import policy
 from .render import ROOT, helm_template, kustomize, one
 
 KPS = "deploy/overlays/kube-prometheus-stack"
-CRDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+CRDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "AlertmanagerConfig"}
 
 
 def test_overlay_labels_what_kube_prometheus_stack_selects() -> None:
     objs = kustomize(KPS)
-    assert policy.only_crd_objects_are(objs) == {"ServiceMonitor", "PrometheusRule"}
+    assert policy.only_crd_objects_are(objs) == {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"}
     for o in objs:
         labels = o["metadata"].get("labels", {})
         if o["kind"] in CRDS:
@@ -34,14 +34,19 @@ def test_overlay_labels_what_kube_prometheus_stack_selects() -> None:
 
 
 def test_overlay_is_the_example_plus_labels() -> None:
-    """Same objects, same specs as the example overlay: the component only adds metadata."""
+    """Same objects, same specs as the example overlay: the component only adds metadata; the overlay adds
+    the inhibition (the component's generated AlertmanagerConfig, unchanged but for the label)."""
     def strip(o: dict[str, Any]) -> dict[str, Any]:
         o = yaml.safe_load(yaml.safe_dump(o))
         o["metadata"].get("labels", {}).pop("release", None)
         if o["kind"] == "ConfigMap":
             o["metadata"].pop("annotations", None)
         return o
-    assert [strip(o) for o in kustomize(KPS)] == [strip(o) for o in kustomize("deploy/overlays/example")]
+    kps = kustomize(KPS)
+    amc = [strip(o) for o in kps if o["kind"] == "AlertmanagerConfig"]
+    assert amc == [yaml.safe_load((ROOT / "deploy/components/alertmanagerconfig/alertmanagerconfig.yaml").read_text())]
+    assert [strip(o) for o in kps if o["kind"] != "AlertmanagerConfig"] == [
+        strip(o) for o in kustomize("deploy/overlays/example")]
 
 
 def test_component_labels_a_podmonitor_too(tmp_path: Path) -> None:
@@ -69,6 +74,7 @@ def test_chart_values_file_matches_the_kustomize_component() -> None:
     h = helm_template("conntrack-dns-exporter", "conntrack-dns-exporter",
                       str(ROOT / "deploy/helm/conntrack-dns-exporter/values-kube-prometheus-stack.yaml"))
     k = kustomize(KPS)
-    for kind in ("ServiceMonitor", "PrometheusRule"):
+    for kind in ("ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"):
         assert one(h, kind)["metadata"]["labels"]["release"] == one(k, kind)["metadata"]["labels"]["release"]
+    assert one(h, "AlertmanagerConfig")["spec"] == one(k, "AlertmanagerConfig")["spec"]
     assert one(h, "ConfigMap")["metadata"]["annotations"] == one(k, "ConfigMap")["metadata"]["annotations"]
