@@ -56,10 +56,10 @@ def built(request: pytest.FixtureRequest) -> Iterator[str]:
     context = Path(tempfile.mkdtemp(prefix="cdet-image-ctx-"))
     try:
         # The build context .dockerignore lets through (tests/unit/test_dockerfile.py checks that list).
-        shutil.copy(ROOT / "Dockerfile", context)
-        shutil.copy(ROOT / "pyproject.toml", context)
-        shutil.copy(ROOT / "README.md", context)
-        shutil.copytree(ROOT / "exporter", context / "exporter", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("Dockerfile", "pyproject.toml", "README.md", "LICENSE", "requirements.lock"):
+            shutil.copy(ROOT / name, context)
+        shutil.copytree(ROOT / "exporter", context / "exporter",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_build.py"))
         base_s = image.ensure_base()
         build_s = image.build(context, TAG)
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
