@@ -133,7 +133,7 @@ def dnat_pair() -> tuple[Netns, Netns]:
     return client, backends
 
 
-def until_counted(ns: str, stat: str, race: Callable[[int], None], rounds: int = 8) -> int:
+def until_counted(ns: str, stat: str, race: Callable[[int], None], rounds: int = 24) -> int:
     """Run `race(round)` until the namespace's conntrack `stat` counter (e.g. insert_failed) has grown, at most
     `rounds` times, and return the growth. Each round is a real race: when the other CPU is busy, the two
     senders can be serialised and a round produces no clash, so one round alone is not enough. A round must
