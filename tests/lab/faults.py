@@ -227,7 +227,8 @@ def _loss(lab: Lab, args: list[str]) -> None:
 
 def _heal_loss(lab: Lab) -> None:
     lab.node.exec(["nft", "delete", "table", "ip", "lab-loss"], check=False)
-    _restart_nodelocal(lab)
+    if "loss" in lab.faults:  # heal_all heals every fault: restart NodeLocal only after a real loss
+        _restart_nodelocal(lab)
 
 
 # ---- upstream ---------------------------------------------------------------------------------------------
