@@ -140,7 +140,7 @@ def test_race_is_resolved_by_the_kernel_and_no_probe_loses_an_answer(healthy_lab
     try:
         before = lab.ct_stats()
         base = exp.scrape()
-        for _ in range(12):  # the race is probabilistic (~1 clash per 300 pairs, far fewer while the vCPUs
+        for _ in range(20):  # the race is probabilistic (~1 clash per 300 pairs, far fewer while the vCPUs
             # are not running at the same instant): bounded rounds, stopping at the first clash
             race = lab.fault("race", "3000")
             race.wait(60)

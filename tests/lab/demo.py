@@ -270,7 +270,9 @@ def summary(lab: Lab, prom: Prom, am_port: int, client: PodClient, prev: dict[st
     lat = prom.query("histogram_quantile(0.9, sum by (server, kind, mode, le) "
                      "(rate(dns_probe_duration_seconds_bucket[30s])))")
     fails = prom.query("sum by (server, kind, mode, reason) (increase(dns_probe_failures_total[30s]))")
-    if lat or fails:
+    # sampled CoreDNS endpoints carry results only (no histogram): show them by result
+    eps = prom.query("sum by (server, kind, result) (increase(dns_probe_endpoint_queries_total[30s]))")
+    if lat or fails or eps:
         lines.append("probes (last 30s): server kind mode: p90 latency / failures by reason")
         rows: dict[tuple[str, str, str], list[str]] = {}
         for r in lat:
@@ -284,7 +286,13 @@ def summary(lab: Lab, prom: Prom, am_port: int, client: PodClient, prev: dict[st
             if v >= 0.5:
                 rows.setdefault((m.get("server", "?"), m.get("kind", "?"), m.get("mode", "?")), []).append(
                     f"{m.get('reason', '?')} {v:.0f}")
-        for (server, kind, mode), vals in sorted(rows.items())[:10]:
+        for r in eps:
+            m = r["metric"]
+            v = float(r["value"][1])
+            if v >= 0.5:
+                rows.setdefault((m.get("server", "?"), m.get("kind", "endpoint"), "sampled"), []).append(
+                    f"{m.get('result', '?')} {v:.0f}")
+        for (server, kind, mode), vals in sorted(rows.items())[:12]:
             lines.append(f"  {server:<20} {kind:<10} {mode:<10} {', '.join(vals)}")
     alerts = _http_json(prom.port, "/api/v1/alerts")
     if isinstance(alerts, dict):
