@@ -186,7 +186,8 @@ def test_two_labs_side_by_side_do_not_interfere(healthy_lab: Lab) -> None:
         assert (a.host_link, a.host_root_ip) != (b.host_link, b.host_root_ip)
         b.fault("loss", 100)
         assert ratio(b, n=3, timeout=0.3) == 0.0
-        assert ratio(a, n=20) == 1.0
+        # lab b's total loss does not reach lab a (interference would be total; one slow answer is not it)
+        assert ratio(a, n=20) >= 0.95
         a.fault("backend-down", 0)
         a.fault("backend-down", 1)
         b.heal("loss")
