@@ -79,16 +79,7 @@ class ScrapeWrapper(_PromCollector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        duration = GaugeMetricFamily(
-            f"{PREFIX}_collector_duration_seconds",
-            "Time the collector's last collection took, in seconds.",
-            labels=["collector"],
-        )
-        success = GaugeMetricFamily(
-            f"{PREFIX}_collector_success",
-            "1 if the collector's last collection succeeded, 0 if it failed.",
-            labels=["collector"],
-        )
+        duration, success = _wrapper_families()
         for c in self._collectors:
             start = time.perf_counter()
             ok = True
@@ -119,16 +110,7 @@ class ScrapeWrapper(_PromCollector):
     def render_parts(self, encode: Encode, fmt: str) -> list[bytes]:
         """What `collect()` yields, formatted by `encode`, one part per collector plus the wrapper's own
         families; a `Versioned` collector's part is reused while its version stands."""
-        duration = GaugeMetricFamily(
-            f"{PREFIX}_collector_duration_seconds",
-            "Time the collector's last collection took, in seconds.",
-            labels=["collector"],
-        )
-        success = GaugeMetricFamily(
-            f"{PREFIX}_collector_success",
-            "1 if the collector's last collection succeeded, 0 if it failed.",
-            labels=["collector"],
-        )
+        duration, success = _wrapper_families()
         parts = []
         for c in self._collectors:
             start = time.perf_counter()
@@ -182,3 +164,12 @@ class ScrapeWrapper(_PromCollector):
             was_failing = self._failing.pop(name, None)
         if was_failing is not None:
             self._log.warning("collector recovered", extra={"kv": {"collector": name}})
+
+
+def _wrapper_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    """The wrapper's per-collector duration and success families, empty."""
+    duration = GaugeMetricFamily(f"{PREFIX}_collector_duration_seconds",
+                                 "Time the collector's last collection took, in seconds.", labels=["collector"])
+    success = GaugeMetricFamily(f"{PREFIX}_collector_success",
+                                "1 if the collector's last collection succeeded, 0 if it failed.", labels=["collector"])
+    return duration, success
