@@ -155,6 +155,11 @@ def _received(env: Env, since: float) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _states(env: Env) -> list[tuple[str, str, str]]:
+    return sorted((a["labels"]["alertname"], a["labels"].get("kind", a["labels"].get("pod", "")), a["state"])
+                  for a in env.stack.active())
+
+
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_each_fault_names_exactly_its_cause_and_resolves_after_the_heal(healthy_lab: Lab, env: Env, fault: str,
                                                                         request: pytest.FixtureRequest) -> None:
@@ -166,23 +171,33 @@ def test_each_fault_names_exactly_its_cause_and_resolves_after_the_heal(healthy_
     healthy_lab.fault(name, *args)
     injected = time.monotonic()
     try:
-        alert = env.stack.webhook.wait("firing", after=start, timeout=FIRE_WITHIN + 30, alertname=cause)
+        try:
+            alert = env.stack.webhook.wait("firing", after=start, timeout=FIRE_WITHIN + 30, alertname=cause)
+        except AssertionError as e:
+            raise AssertionError(f"{fault}: {e}; the webhook received {sorted(_received(env, start))}, Prometheus "
+                                 f"holds {_states(env)}") from None
         fired = alert["received"] - injected
+        print(f"\ne2e {fault}: {cause} reached the webhook {fired:.0f}s after the fault", flush=True)
         first = {a["startsAt"] for a in env.stack.webhook.matching("firing", alertname=cause)
                  if a["received"] >= start}
         # Let symptoms have their chance: they pend 2 minutes; inhibition must hold them back at the receiver.
         time.sleep(150)
         pending = sorted({a["labels"]["alertname"] for a in env.stack.active()} - {cause})
         got = _received(env, start)
-        assert set(got) == {cause}, f"{fault}: the webhook received {sorted(got)}, want only {cause}"
+        assert set(got) == {cause}, (f"{fault}: the webhook received {sorted(got)}, want only {cause} "
+                                     f"({cause} fired {fired:.0f}s after the fault)")
         ann = got[cause][-1]["annotations"]
         assert ann["runbook_url"] == f"{RUNBOOK_PREFIX}{cause}.md" and ann["summary"] and ann["description"]
         assert got[cause][-1]["labels"]["role"] == "cause"
     finally:
         healed = time.monotonic()
         healthy_lab.heal(name)
-    resolved = env.stack.webhook.wait("resolved", after=healed, timeout=RESOLVE_WITHIN + 30, alertname=cause)
+    try:
+        resolved = env.stack.webhook.wait("resolved", after=healed, timeout=RESOLVE_WITHIN + 30, alertname=cause)
+    except AssertionError as e:
+        raise AssertionError(f"{fault}: {e}; Prometheus holds {_states(env)}") from None
     cleared = resolved["received"] - healed
+    print(f"e2e {fault}: {cause} resolved at the webhook {cleared:.0f}s after the heal", flush=True)
     env.record(fault, fired_after_fault=fired, resolved_after_heal=cleared)
     print(f"e2e {fault}: also pending/firing in Prometheus, held back by inhibition: {pending}", flush=True)
     assert fired <= FIRE_WITHIN, f"{cause} fired {fired:.0f}s after {fault}"
