@@ -348,7 +348,7 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               f'  (\n    ({slow_ratio}{{{s}, kind="endpoint"}} > {SLOW_RATIO})\n'
               f"    and on (job, instance, server) {slow1}{{{s}}} > 0\n    {not_full}\n  )\n  {with_pod}\n)\n"
               f"/ {nodes}{{{s}}}\n>= {FLEET_MOST}",
-              "2m", "warning", "cause",
+              "1m", "warning", "cause",
               "A CoreDNS pod answers slowly, seen from most nodes.",
               f"More than {SLOW_RATIO:.0%} of the answers of CoreDNS pod {POD} ({{{{ $labels.server }}}}) took "
               f"longer than {SLOW_SECONDS * 1000:.0f} ms (without any retransmission) from "

@@ -47,7 +47,7 @@ class Case:
 
 
 # Checked pending (silent) at its `for`, firing a minute later, and silent again 2.5m after a heal at 5m.
-FOR = {"CoreDNSPodNotAnswering": 60, "CoreDNSPodSlow": 120, "DNSUpstreamFailing": 60, "DNSNodePacketLoss": 60,
+FOR = {"CoreDNSPodNotAnswering": 60, "CoreDNSPodSlow": 60, "DNSUpstreamFailing": 60, "DNSNodePacketLoss": 60,
        "DNSServiceIPPathBroken": 60}
 AFTER_HEAL = "7m30s"
 CHECKED = ["CoreDNSPodNotAnswering", "CoreDNSPodSlow", "DNSUpstreamFailing", "DNSNodePacketLoss",

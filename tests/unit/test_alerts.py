@@ -368,6 +368,26 @@ def test_every_symptom_is_inhibited_by_a_cause_and_causes_only_inhibit_what_exis
                and 'zone="external"' in r["target_matchers"] for r in rules)
 
 
+def _seconds(duration: str) -> int:
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in re.findall(r"(\d+)([hms])", duration))
+
+
+def test_every_cause_fires_before_the_symptoms_it_inhibits() -> None:
+    """Inhibition holds a symptom back only while its cause is firing: a symptom with the same `for` as its cause
+    reaches Alertmanager first whenever its evidence arrives a scrape earlier (the e2e slow-backend run: the
+    Service IP's histogram saw the slow answers a scrape before the endpoints' `result="slow"` series existed,
+    and DNSProbeSlow was notified next to CoreDNSPodSlow). So every cause waits strictly less than its symptoms."""
+    waits = {r["alert"]: _seconds(r.get("for", "0s"))
+             for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    late = []
+    for rule in _inhibit_rules():
+        (source,) = _alertnames(rule["source_matchers"])
+        for target in _alertnames(rule["target_matchers"]) & SYMPTOMS:
+            if waits[source] >= waits[target]:
+                late.append(f"{source} (for {waits[source]}s) -> {target} (for {waits[target]}s)")
+    assert not late, late
+
+
 def test_alertmanagerconfig_carries_the_same_inhibition() -> None:
     crd = yaml.safe_load(AMCONFIG.read_text())
     assert crd["apiVersion"] == "monitoring.coreos.com/v1alpha1" and crd["kind"] == "AlertmanagerConfig"
