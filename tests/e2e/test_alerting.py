@@ -184,8 +184,11 @@ def test_each_fault_names_exactly_its_cause_and_resolves_after_the_heal(healthy_
         time.sleep(150)
         pending = sorted({a["labels"]["alertname"] for a in env.stack.active()} - {cause})
         got = _received(env, start)
+        extra = sorted((n, a["labels"].get("kind", ""), a["labels"].get("server", ""), round(a["received"] - injected))
+                       for n, alerts in got.items() if n != cause for a in alerts)
         assert set(got) == {cause}, (f"{fault}: the webhook received {sorted(got)}, want only {cause} "
-                                     f"({cause} fired {fired:.0f}s after the fault)")
+                                     f"({cause} fired {fired:.0f}s after the fault; the others (name, kind, server, "
+                                     f"seconds after the fault): {extra})")
         ann = got[cause][-1]["annotations"]
         assert ann["runbook_url"] == f"{RUNBOOK_PREFIX}{cause}.md" and ann["summary"] and ann["description"]
         assert got[cause][-1]["labels"]["role"] == "cause"
