@@ -10,7 +10,7 @@ Metrics (from the last finished scan; nothing before the first one finishes):
 - `conntrack_table_entries{protocol,state}`: TCP by conntrack TCP state; UDP, ICMP, ICMPv6 and other
   protocols by `unreplied` (no reply seen) / `replied` / `assured` (from the entry's status bits);
 - `conntrack_table_dns_entries{transport}`: entries whose original destination port is 53;
-- `conntrack_table_stale_dns_entries`: DNS entries addressed to a current probe target (DNS Service IP,
+- `conntrack_table_stale_dns_entries`: UDP DNS entries addressed to a current probe target (DNS Service IP,
   NodeLocal, configured servers) whose reply source (where DNAT sent them) is no current target (DNS
   endpoints included): stale NAT after a rollout. DNS to other servers (CoreDNS's upstream queries
   crossing the node, pods asking public resolvers) never counts. Only emitted while targets are known;

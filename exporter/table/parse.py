@@ -176,8 +176,11 @@ class DumpParser:
     source only counts towards the total. `dns_servers`: packed addresses of the current DNS
     endpoints/servers; when given, a DNS entry addressed to one of them (original destination: the
     Service IP, NodeLocal, a configured server) but answered from an address that is none of them
-    (reply source: where DNAT sent it) counts as stale. DNS to other servers (CoreDNS's own upstream
-    queries crossing the node, pods asking public resolvers) is not ours to judge and never counts.
+    (reply source: where DNAT sent it) counts as stale. Only UDP entries: a UDP client that keeps its
+    socket reuses the entry and stays pinned to where it points; a TCP connection pins nothing (the next
+    one gets a new port and the current DNAT), and its SYN_SENT entry to a dead address only waits out the
+    kernel's 120 s after a path is healed. DNS to other servers (CoreDNS's own upstream queries crossing
+    the node, pods asking public resolvers) is not ours to judge and never counts.
     """
 
     def __init__(self, source_keys: Iterable[bytes] = (), dns_servers: Iterable[bytes] | None = None) -> None:
@@ -268,7 +271,7 @@ class DumpParser:
                 if dport == DNS_PORT and proto in _DNS_PROTOS:
                     dns[proto] = dns.get(proto, 0) + 1
                     # stale: addressed to a DNS server we know, answered by an address that is none of them
-                    if (servers is not None and reply_at >= 0
+                    if (servers is not None and proto == PROTO_UDP and reply_at >= 0
                             and _tuple_address(buf, orig_at, end, True) in servers
                             and _tuple_address(buf, reply_at, end, False) not in servers):
                         stale += 1

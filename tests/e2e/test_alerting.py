@@ -155,6 +155,35 @@ def _received(env: Env, since: float) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _timeline(env: Env, names: set[str], since: float, heal_at: float) -> str:
+    """What Prometheus saw (ALERTS and the late alerts' own series), in seconds after the fault, for the report."""
+    exprs = [f'ALERTS{{alertname="{n}"}}' for n in sorted(names)] + [
+        f'{g["expr"].split("{")[0].split("(")[-1]}{{node="{NODE}"}}' for n in sorted(names)
+        for g in [_rule(n)] if g and "{" in g["expr"]]
+    out = [f"heal at {heal_at:.0f}s"]
+    for e in exprs:
+        try:
+            res = env.stack.api("/api/v1/query_range", query=e, start=f"{since:.0f}", end=f"{time.time():.0f}",
+                                step="15")
+        except (AssertionError, OSError) as err:
+            out.append(f"{e}: {err}")
+            continue
+        for r in res["result"]:
+            pts = " ".join(f"{float(t) - since:.0f}:{v}" for t, v in r["values"])
+            out.append(f"{e} {r['metric'].get('alertstate', '')}: {pts}")
+    return "\n".join(out)
+
+
+def _rule(name: str) -> dict[str, Any] | None:
+    import yaml
+
+    for g in yaml.safe_load((ROOT / "alerts" / "conntrack-dns-exporter.rules.yaml").read_text())["groups"]:
+        for r in g["rules"]:
+            if r.get("alert") == name:
+                return dict(r)
+    return None
+
+
 def _states(env: Env) -> list[tuple[str, str, str]]:
     return sorted((a["labels"]["alertname"], a["labels"].get("kind", a["labels"].get("pod", "")), a["state"])
                   for a in env.stack.active())
@@ -209,7 +238,8 @@ def test_each_fault_names_exactly_its_cause_and_resolves_after_the_heal(healthy_
     env.quiet(f"every alert gone after healing {fault}")
     late = {n for n, alerts in _received(env, healed + 1).items() for a in alerts
             if n != cause or a["startsAt"] not in first}
-    assert not late, f"alerts fired after the heal of {fault}: {late}"
+    assert not late, (f"alerts fired after the heal of {fault}: {late}; "
+                      f"{_timeline(env, late, time.time() - (time.monotonic() - injected), healed - injected)}")
 
 
 def test_insert_failed_from_a_recorded_fixture(env: Env) -> None:

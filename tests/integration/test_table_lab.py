@@ -91,7 +91,8 @@ def test_stale_dns_entries_after_the_stale_endpoint_fault(healthy_lab: Lab) -> N
         send_queries(lab, 30)  # about a third go to the address where no pod exists
         samples, lines = settled_scan(lab, exp)
         ref = reference(lines, servers=targets)
-        stale_lines = [line for line in lines if " dport=53 " in line and f"src={STALE_IP} " in line]
+        stale_lines = [line for line in lines if " udp " in f" {line} " and " dport=53 " in line
+                       and f"src={STALE_IP} " in line]
         assert ref["stale"] == len(stale_lines) > 0
         assert value(samples, "conntrack_table_stale_dns_entries") == ref["stale"]
         assert value(samples, "conntrack_table_scan_partial") == 0

@@ -75,8 +75,8 @@ def reference(lines: list[str], servers: set[str] | None = None,
         dports = [t[6:] for t in tok if t.startswith("dport=")]
         if proto in ("udp", "tcp") and dports and dports[0] == "53":
             dns[proto] += 1
-            # addressed to a known DNS server, answered from an address that is none of them
-            if servers is not None and dsts[0] in servers and srcs[1] not in servers:
+            # UDP addressed to a known DNS server, answered from an address that is none of them
+            if servers is not None and proto == "udp" and dsts[0] in servers and srcs[1] not in servers:
                 stale += 1
         if pods is not None:
             pod = pods.get(srcs[0], ("", ""))
@@ -162,7 +162,10 @@ class Scene:
         for addr in ("10.96.0.10/32", "10.244.0.5/32"):
             ns.exec(["ip", "addr", "add", addr, "dev", "lo"])
         ns.exec(["nft", "add table ip nat; add chain ip nat natout { type nat hook output priority -100; }; "
-                 "add rule ip nat natout ip daddr 10.96.0.10 udp dport 53 dnat to 10.244.0.5"])
+                 "add rule ip nat natout ip daddr 10.96.0.10 udp dport 53 dnat to 10.244.0.5; "
+             "add rule ip nat natout ip daddr 10.96.0.10 tcp dport 53 dnat to 10.244.0.5; "
+             "add table ip f; add chain ip f in { type filter hook input priority 0; }; "
+             "add rule ip f in tcp dport 53 drop"])  # a dead pod: the SYN stays unanswered (SYN_SENT)
         for _ in range(2):
             u = self.sock(type=socket.SOCK_DGRAM)
             u.sendto(b"q", ("10.96.0.10", 53))
@@ -291,14 +294,19 @@ def test_stale_dns_entries_after_a_rollout(netns: Netns) -> None:
     """The service IP 10.96.0.10 is DNAT'ed to endpoint .5; after a 'rollout' the new endpoint is .6.
 
     Entries created before the rollout still answer from .5: stale once the targets say .6, not before.
-    DNS to a server that is no target (an upstream, 10.53.0.1 here) is never counted.
+    DNS to a server that is no target (an upstream, 10.53.0.1 here) is never counted, nor is TCP DNS to the old
+    endpoint: a connection pins nothing (the next one gets a new port and the current DNAT), and counting its
+    entries kept the stale-entries alert firing for the kernel's 120 s SYN_SENT timeout after a healed path.
     """
     ns = netns
     for addr in ("10.96.0.10/32", "10.244.0.5/32", "10.244.0.6/32", "10.53.0.1/32"):
         ns.exec(["ip", "addr", "add", addr, "dev", "lo"])
     ns.exec(["nft", "add table ip nat; "
              "add chain ip nat natout { type nat hook output priority -100; }; "
-             "add rule ip nat natout ip daddr 10.96.0.10 udp dport 53 dnat to 10.244.0.5"])
+             "add rule ip nat natout ip daddr 10.96.0.10 udp dport 53 dnat to 10.244.0.5; "
+             "add rule ip nat natout ip daddr 10.96.0.10 tcp dport 53 dnat to 10.244.0.5; "
+             "add table ip f; add chain ip f in { type filter hook input priority 0; }; "
+             "add rule ip f in tcp dport 53 drop"])  # a dead pod: the SYN stays unanswered (SYN_SENT)
     socks = []
     try:
         def query(n: int) -> None:
@@ -308,6 +316,11 @@ def test_stale_dns_entries_after_a_rollout(netns: Netns) -> None:
                 socks.append(u)
 
         query(3)
+        tcp = ns.socket(type=socket.SOCK_STREAM)
+        tcp.setblocking(False)
+        with contextlib.suppress(OSError):
+            tcp.connect(("10.96.0.10", 53))  # DNAT'ed to .5 like the UDP queries
+        socks.append(tcp)
         upstream = ns.socket(type=socket.SOCK_DGRAM)
         upstream.sendto(b"q", ("10.53.0.1", 53))
         socks.append(upstream)
@@ -329,6 +342,7 @@ def test_stale_dns_entries_after_a_rollout(netns: Netns) -> None:
         lines = conntrack_list(ns)
         assert snap is not None and not snap.partial
         assert snap.stale_dns == 3 == reference(lines, servers=set(targets.addresses()))["stale"]
+        assert any(" tcp " in f" {line} " and "src=10.244.0.5" in line for line in lines)  # there, not counted
         assert dict(snap.dns)["udp"] == 6
 
         # no targets known: nothing can be called stale, so the metric is absent
