@@ -94,7 +94,11 @@ PROBE_DEADLINE = "15s"
 # `keep_firing_for`), so it outlives every symptom it holds back: a symptom's "still failing" guard is RECENT
 # plus the probes still in flight at the heal (timeout x attempts) plus a scrape. Without it the symptom
 # would be notified in the seconds between the cause resolving and the symptom resolving.
-CAUSE_HOLD = "1m"
+# A cause that also holds back another held cause (DNSNodePacketLoss -> NodeLocalDNSCacheDown, ConntrackTableFull
+# -> DNSNodePacketLoss -> ...) must outlive that cause's own hold too, or the inner cause is notified after the
+# heal (the e2e loss run: NodeLocal's failures ended a few seconds after the endpoints', both held 1m, and
+# NodeLocalDNSCacheDown reached the webhook after DNSNodePacketLoss resolved): one more minute per level.
+CAUSE_HOLD_MINUTES = 1
 
 
 def _or_zero(metric: str, sel: str, by: str, window: str, requests_sel: str) -> str:
@@ -422,16 +426,16 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               f"The {{{{ $labels.collector }}}} collector of the exporter on node {NODE} has been failing for "
               "3 minutes; its metrics are missing or stale."),
     ]
-    sources = {r["source_matchers"][0].split('"')[1] for r in inhibitions()}
+    holds = cause_holds()
     for rule in table + dns_alerts + selfmon:
-        if rule.get("alert") in sources:
+        if rule.get("alert") in holds:
             items = list(rule.items())
             after = "for" if "for" in rule else "expr"
             rule.clear()
             for k, v in items:
                 rule[k] = v
                 if k == after:
-                    rule["keep_firing_for"] = CAUSE_HOLD
+                    rule["keep_firing_for"] = f"{holds[rule['alert']]}m"
     return [
         {"name": "conntrack-dns-exporter.conntrack", "rules": table},
         {"name": "conntrack-dns-exporter.dns", "rules": dns_records + dns_alerts},
@@ -495,6 +499,23 @@ def inhibitions() -> list[dict[str, Any]]:
         rule("ConntrackDNSExporterDown", ["ConntrackDNSExporterCollectorFailing"], NODE_EQUAL,
              "no scrape, no collector"),
     ]
+
+
+def cause_holds() -> dict[str, int]:
+    """keep_firing_for in minutes of every cause that inhibits: CAUSE_HOLD_MINUTES, plus one per level of held causes it
+    inhibits (their own holds must end first)."""
+    targets: dict[str, set[str]] = {}
+    for r in inhibitions():
+        src = r["source_matchers"][0].split('"')[1]
+        names = r["target_matchers"][0].split('"')[1].split("|")
+        targets.setdefault(src, set()).update(names)
+
+    def hold(name: str, seen: frozenset[str] = frozenset()) -> int:
+        assert name not in seen, f"inhibition cycle through {name}"
+        inner = [hold(t, seen | {name}) for t in targets[name] if t in targets]
+        return max(inner, default=0) + CAUSE_HOLD_MINUTES
+
+    return {name: hold(name) for name in targets}
 
 
 def inhibit_rules() -> list[dict[str, Any]]:

@@ -388,6 +388,20 @@ def test_every_cause_fires_before_the_symptoms_it_inhibits() -> None:
     assert not late, late
 
 
+def test_every_cause_holds_longer_than_the_held_causes_it_inhibits() -> None:
+    """A held cause inhibited by another cause (NodeLocalDNSCacheDown under DNSNodePacketLoss) must end its own
+    keep_firing_for before its inhibitor does, or it is notified after the heal (the e2e loss run)."""
+    holds = {r["alert"]: _seconds(r.get("keep_firing_for", "0s"))
+             for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    short = []
+    for rule in _inhibit_rules():
+        (source,) = _alertnames(rule["source_matchers"])
+        for target in _alertnames(rule["target_matchers"]):
+            if holds.get(target) and holds[source] <= holds[target]:
+                short.append(f"{source} (keep_firing_for {holds[source]}s) -> {target} ({holds[target]}s)")
+    assert not short, short
+
+
 def test_alertmanagerconfig_carries_the_same_inhibition() -> None:
     crd = yaml.safe_load(AMCONFIG.read_text())
     assert crd["apiVersion"] == "monitoring.coreos.com/v1alpha1" and crd["kind"] == "AlertmanagerConfig"
