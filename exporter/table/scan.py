@@ -35,6 +35,7 @@ from exporter.netlink import (
     build_request,
     open_socket,
 )
+from exporter.table.native import NativeDumpParser, new_parser
 from exporter.table.parse import IPCTNL_MSG_CT_GET, RECV_BUFFER, Aggregate, DumpParser
 
 _HH = struct.Struct("=HH").unpack_from
@@ -106,7 +107,7 @@ class Scanner:
         restarts = 0
         self._reader_cpu = 0.0
         while True:
-            parser = DumpParser(keys, servers)
+            parser = new_parser(keys, servers)
             reason, message = self._run(parser, deadline)
             if reason == "interrupted" and restarts == 0 and time.monotonic() < deadline:
                 restarts += 1
@@ -116,7 +117,7 @@ class Scanner:
                           cpu=time.thread_time() - c0 + self._reader_cpu, partial=bool(reason), reason=reason,
                           message=message, restarts=restarts, stale_checked=servers is not None)
 
-    def _run(self, parser: DumpParser, deadline: float) -> tuple[str, str]:
+    def _run(self, parser: DumpParser | NativeDumpParser, deadline: float) -> tuple[str, str]:
         """One dump into `parser`; returns ("", "") when complete, else (reason, one-line message)."""
         try:
             sock = self._open()
