@@ -225,7 +225,7 @@ def datagram(draw: Any) -> tuple[bytearray, int]:
     return buf, n
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(datagram(), min_size=1, max_size=3), st.sampled_from(["both", "no-servers", "no-keys"]))
 def test_generated_datagrams_agree(dgrams: list[tuple[bytearray, int]], config: str) -> None:
     servers = None if config == "no-servers" else SERVERS
