@@ -195,7 +195,8 @@ def _ends_dump(buf: bytearray, n: int) -> bool:
 class _DirectReader:
     """Receives in the scanning thread, for the native parser: it parses a datagram in about a tenth of
     the time the kernel takes to build it, so a second thread's hand-offs would cost more than they save.
-    Both the recv and the ctypes call release the GIL."""
+    Both the recv and the ctypes call release the GIL. The time cap is checked between datagrams; a kernel
+    that stops sending is caught by the socket's receive timeout (SO_RCVTIMEO, 5 s) instead."""
 
     def __init__(self, sock: DumpSocket) -> None:
         self._sock = sock
