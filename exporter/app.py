@@ -29,6 +29,7 @@ from exporter.diagnose import page
 from exporter.diagnose.live import LiveDiagnosis
 from exporter.discovery import Target
 from exporter.features import all_features
+from exporter.table.native import parser_name as table_parser_name
 from exporter.web import webconfig
 from exporter.web.notrack import Notrack, NotrackError
 from exporter.web.server import ExporterHTTPServer
@@ -52,9 +53,10 @@ class BuildInfo:
 
     def collect(self) -> list[Metric]:
         g = GaugeMetricFamily("conntrack_dns_exporter_build_info",
-                              "Always 1; the exporter's version, VCS revision and branch, and Python version as "
-                              "labels.", labels=["version", "revision", "branch", "python_version"])
-        g.add_metric([__version__, self.revision, self.branch, platform.python_version()], 1)
+                              "Always 1; the exporter's version, VCS revision and branch, Python version and "
+                              "conntrack table dump parser (native or python) as labels.",
+                              labels=["version", "revision", "branch", "python_version", "table_parser"])
+        g.add_metric([__version__, self.revision, self.branch, platform.python_version(), table_parser_name()], 1)
         return [g]
 
     def describe(self) -> list[Metric]:

