@@ -383,7 +383,7 @@ int ctd_feed(const struct ctd_ctx *ctx, const uint8_t *buf, int64_t buflen, int6
         count_state(acc, slot);
         if (en.dport == 53 && (en.proto == PROTO_UDP || en.proto == PROTO_TCP)) {
             count_dns(acc, en.proto);
-            if (ctx->check_servers && en.reply_at >= 0) {
+            if (ctx->check_servers && en.proto == PROTO_UDP && en.reply_at >= 0) {  /* UDP only: see parse.py */
                 const uint8_t *addr = 0;
                 int len = 0;
                 if (tuple_address(buf, en.orig_at, end, 1, &addr, &len, &e) < 0) { rc = -1; break; }
