@@ -5,8 +5,10 @@ lost events and the resync, nf_conntrack_events=0."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -24,10 +26,16 @@ from tests.unit.dnsflows.test_parse_bpf import events
 
 
 class Replay:
-    """Hands out recorded datagrams (or raises a recorded error) like the event socket, then nothing."""
+    """Hands out recorded datagrams (or raises a recorded error) like the event socket, then nothing. Its
+    fileno() is a pipe that is always readable, so the listener's wait for events never blocks on it."""
 
     def __init__(self, items: list[bytes | OSError]) -> None:
         self.items = list(items)
+        self._pipe = os.pipe()
+        os.write(self._pipe[1], b"x")
+
+    def fileno(self) -> int:
+        return self._pipe[0]
 
     def recv_into(self, buf: bytearray, nbytes: int = 0, flags: int = 0, /) -> int:
         if not self.items:
@@ -40,7 +48,9 @@ class Replay:
         return len(item)
 
     def close(self) -> None:
-        pass
+        for fd in self._pipe:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def discovery() -> Discovery:
