@@ -44,8 +44,8 @@ EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
 SYSCTL_EVERY = 30.0
 RESYNC_MIN_GAP = 60.0  # a dump of a full table costs about a second of CPU
 RESYNC_MAX_SECONDS = 10.0
-BATCH_PAUSE = 0.1  # seconds between draining the queue and waiting again (at most 10 wake-ups/s)
 BATCH_BIG = 512  # datagrams in one drain above which the listener does not pause
+BATCH_PAUSE = 0.25  # seconds a pause between two drains lasts at most (a light stream: 4 wake-ups/s)
 DRAIN_MAX = 1024  # datagrams read (and accounted as one batch) before the listener looks at stop again
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -214,10 +214,12 @@ class FlowListener:
     def _receive(self, sock: EventSocket, wake: int) -> None:
         """Wait for events without a timeout (an idle listener costs no wake-ups; `stop()` writes to the
         wake pipe, and the sysctl re-read bounds the wait), then read what is queued. A steady stream is
-        read in batches: after a drain that found events the listener pauses BATCH_PAUSE and drains again
-        without waiting, one wake-up per batch (tens or hundreds of events) rather than one per event,
-        which would cost more than parsing them. The receive buffer holds the events meanwhile; a big
-        batch means a heavy stream, which is read on at once so that the buffer does not overflow."""
+        read in batches: after a drain that found events the listener pauses and drains again without
+        waiting, one wake-up per batch rather than one per event, which would cost more than parsing them
+        (and a batch read while the caches are warm costs less per event). The pause lasts until about
+        BATCH_BIG events are queued at the rate of the last batch, at most BATCH_PAUSE; the receive buffer
+        holds them meanwhile. A bigger batch means a heavy stream, which is read on at once so that the
+        buffer does not overflow."""
         buf = bytearray(RECV_BUFFER)
         stats = self.stats
         poller = select.poll()
@@ -225,12 +227,14 @@ class FlowListener:
         poller.register(wake, select.POLLIN)
         next_sysctl = time.monotonic() + SYSCTL_EVERY
         wait = True
+        last = time.monotonic()  # when the previous drain began
         while not self._stop.is_set():
             if wait:
                 poller.poll(max(0, math.ceil((next_sysctl - time.monotonic()) * 1000)))
                 if self._stop.is_set():
                     return
             stats.refresh()  # the pod map and targets, at most once per REFRESH seconds, before accounting
+            began = time.monotonic()
             read = self._drain(sock, buf)
             if read < 0:
                 self.up = False
@@ -240,8 +244,9 @@ class FlowListener:
                 next_sysctl = now + SYSCTL_EVERY
                 self.check_sysctl()
             wait = read == 0
-            if 0 < read < BATCH_BIG:
-                self._stop.wait(BATCH_PAUSE)
+            if 0 < read < BATCH_BIG:  # read / (began - last): the rate of the stream
+                self._stop.wait(min(BATCH_PAUSE, BATCH_BIG * (began - last) / read))
+            last = began
 
     def _drain(self, sock: EventSocket, buf: bytearray) -> int:
         """Read what is queued without waiting (at most DRAIN_MAX datagrams, so that a stop is seen even
