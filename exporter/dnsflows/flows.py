@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from exporter.discovery import Discovery
-from exporter.dnsflows.parse import IPS_SEEN_REPLY, Flow
+from exporter.dnsflows.parse import IPS_SEEN_REPLY, Event, Flow
 
 KIND_ORDER = ("nodelocal", "service", "endpoint", "static", "resolvconf")  # an address with several kinds
 OTHER = "other"
@@ -136,34 +136,36 @@ class FlowStats:
         self._own_ids[ct_id] = now + OWN_ID_TTL
 
     def new(self, flow: Flow) -> None:
-        self.account([(True, flow)])
+        proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
+        self.account([(True, proto, src, dst, sport, rsrc, status, ct_id)])
 
     def destroy(self, flow: Flow) -> None:
-        self.account([(False, flow)])
+        proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
+        self.account([(False, proto, src, dst, sport, rsrc, status, ct_id)])
 
     def other_event(self) -> None:
         self.account([], other=1)
 
-    def account(self, events: list[tuple[bool, Flow]], other: int = 0) -> None:
-        """A batch of events in the order they came ((True, flow) for NEW, (False, flow) for DESTROY), plus
+    def account(self, events: list[Event], other: int = 0) -> None:
+        """A batch of events in the order they came (`parse.Event`: NEW or DESTROY and the flow), plus
         `other` events that were no DNS flow: one lock and one clock reading for the batch, the per-event
         work in one loop (this runs for every DNS event the node sees)."""
         if self._targets_version < 0:
             self.refresh()  # first event; afterwards the listener refreshes once per batch
         now = time.monotonic()
         pods = self._pods
-        ports = self._discovery.own_ports
+        ports = self._discovery.own_ports.table()  # read after the batch was received: see OwnPorts
         labels = self._labels
         label_of = self._label
         created = destroyed = 0
         with self._lock:
             flows, unanswered, own_ids = self.flows, self.unanswered, self._own_ids
             counts: dict[tuple[str, str], int] | None = None
-            for is_new, flow in events:
-                proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
+            for is_new, proto, src, dst, sport, rsrc, status, ct_id in events:
                 if is_new:
                     created += 1
-                    if src not in pods and (proto, sport) in ports:  # one of the exporter's own probes
+                    # one of the exporter's own probes: no pod, from a port the probes registered
+                    if ports and src not in pods and ports.get((proto, sport), 0.0) > now:
                         self.excluded += 1
                         self.remember_own(ct_id, now)
                         own_ids = self._own_ids  # remember_own may have replaced it
@@ -176,7 +178,8 @@ class FlowStats:
                     continue
                 if status & IPS_SEEN_REPLY:
                     continue
-                if src not in pods and (proto, sport) in ports:  # its NEW event was lost or came before we listened
+                # an own probe whose NEW event was lost or came before we listened
+                if ports and src not in pods and ports.get((proto, sport), 0.0) > now:
                     continue
                 label = labels.get((dst, rsrc)) or label_of(dst, rsrc)
                 unanswered[label] = unanswered.get(label, 0) + 1

@@ -23,7 +23,6 @@ import math
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +34,7 @@ from exporter.core import logs
 from exporter.core.errors import CollectorError
 from exporter.dnsflows.bpf import dns_port_filter
 from exporter.dnsflows.flows import FlowStats
-from exporter.dnsflows.parse import CT_DELETE, CT_NEW, Flow, iter_flows, parse_flow
-from exporter.netlink import ParseError
+from exporter.dnsflows.parse import Event, iter_flows, parse_events
 
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 IPCTNL_MSG_CT_GET = 1
@@ -50,7 +48,6 @@ DRAIN_MAX = 1024  # datagrams read (and accounted as one batch) before the liste
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 RECV_BUFFER = 1 << 16
-_MSG = struct.Struct("=IH").unpack_from
 
 
 class EventSocket(Protocol):
@@ -108,28 +105,10 @@ def dump_dns_flows(stats: FlowStats, deadline: float) -> list[int]:
     return own
 
 
-def parse_datagram(buf: bytearray, n: int, out: list[tuple[bool, Flow]]) -> int:
-    """Append the DNS flows of one datagram (the kernel sends one event per datagram) to `out`, as
-    (is NEW, flow); return how many of its messages were no DNS flow."""
-    off = 0
-    other = 0
-    while off + 16 <= n:
-        mlen, mtype = _MSG(buf, off)
-        if mlen < 16 or off + mlen > n:
-            raise ParseError(f"truncated netlink message at offset {off} (length {mlen}, {n - off} left)")
-        flow = parse_flow(buf, off, off + mlen) if mtype in (CT_NEW, CT_DELETE) else None
-        if flow is None:
-            other += 1
-        else:
-            out.append((mtype == CT_NEW, flow))
-        off += (mlen + 3) & ~3
-    return other
-
-
 def feed(stats: FlowStats, buf: bytearray, n: int) -> None:
     """Account every message of one datagram."""
-    batch: list[tuple[bool, Flow]] = []
-    other = parse_datagram(buf, n, batch)
+    batch: list[Event] = []
+    other = parse_events(buf, n, batch)
     stats.account(batch, other)
 
 
@@ -253,7 +232,7 @@ class FlowListener:
         under a flood) and account it as one batch. The number of datagrams read; -1 if the socket failed."""
         stats = self.stats
         recv_into = sock.recv_into
-        batch: list[tuple[bool, Flow]] = []
+        batch: list[Event] = []
         other = read = 0
         try:
             while read < DRAIN_MAX:
@@ -273,7 +252,7 @@ class FlowListener:
                     break
                 read += 1
                 try:
-                    other += parse_datagram(buf, n, batch)
+                    other += parse_events(buf, n, batch)
                 except CollectorError as e:  # a garbled event: count it, keep listening
                     other += 1
                     self._log.debug("unreadable conntrack event: %s", e)
