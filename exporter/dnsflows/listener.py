@@ -42,8 +42,9 @@ EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
 SYSCTL_EVERY = 30.0
 RESYNC_MIN_GAP = 60.0  # a dump of a full table costs about a second of CPU
 RESYNC_MAX_SECONDS = 10.0
-BATCH_BIG = 512  # datagrams in one drain above which the listener does not pause
-BATCH_PAUSE = 0.25  # seconds a pause between two drains lasts at most (a light stream: 4 wake-ups/s)
+BATCH_BIG = 1024  # events in one drain above which the listener does not pause (fewer with a small buffer)
+BATCH_BYTES = 4096  # receive buffer per event of such a batch: a batch fills at most ~1/6 of the buffer
+BATCH_PAUSE = 0.5  # seconds a pause between two drains lasts at most (a light stream: 2 wake-ups/s)
 DRAIN_MAX = 1024  # datagrams read (and accounted as one batch) before the listener looks at stop again
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -133,6 +134,9 @@ class FlowListener:
         self._last_resync: float | None = None
         self._last_lost = float("-inf")
         self._wake: tuple[int, int] | None = None
+        # an event takes about 1.3 KB of the buffer (which the kernel doubles): a batch of this size leaves
+        # room for the bursts of DESTROY events the kernel's garbage collection sends
+        self._batch = max(16, min(BATCH_BIG, receive_buffer // BATCH_BYTES))
         self._log = logs.get("dnsflows")
 
     def start(self) -> None:
@@ -196,9 +200,9 @@ class FlowListener:
         read in batches: after a drain that found events the listener pauses and drains again without
         waiting, one wake-up per batch rather than one per event, which would cost more than parsing them
         (and a batch read while the caches are warm costs less per event). The pause lasts until about
-        BATCH_BIG events are queued at the rate of the last batch, at most BATCH_PAUSE; the receive buffer
-        holds them meanwhile. A bigger batch means a heavy stream, which is read on at once so that the
-        buffer does not overflow."""
+        one batch (BATCH_BIG events, fewer with a small receive buffer) is queued at the rate of the last
+        drain, at most BATCH_PAUSE; the receive buffer holds them meanwhile. A bigger drain means a heavy
+        stream, which is read on at once so that the buffer does not overflow."""
         buf = bytearray(RECV_BUFFER)
         stats = self.stats
         poller = select.poll()
@@ -223,8 +227,8 @@ class FlowListener:
                 next_sysctl = now + SYSCTL_EVERY
                 self.check_sysctl()
             wait = read == 0
-            if 0 < read < BATCH_BIG:  # read / (began - last): the rate of the stream
-                self._stop.wait(min(BATCH_PAUSE, BATCH_BIG * (began - last) / read))
+            if 0 < read < self._batch:  # read / (began - last): the rate of the stream
+                self._stop.wait(min(BATCH_PAUSE, self._batch * (began - last) / read))
             last = began
 
     def _drain(self, sock: EventSocket, buf: bytearray) -> int:
