@@ -45,6 +45,7 @@ RESYNC_MAX_SECONDS = 10.0
 BATCH_BIG = 1024  # events in one drain above which the listener does not pause (fewer with a small buffer)
 BATCH_BYTES = 4096  # receive buffer per event of such a batch: a batch fills at most ~1/6 of the buffer
 BATCH_PAUSE = 0.5  # seconds a pause between two drains lasts at most (a light stream: 2 wake-ups/s)
+BATCH_FIRST = 0.05  # seconds of the first pause after a quiet time, which measures the stream's rate
 DRAIN_MAX = 1024  # datagrams read (and accounted as one batch) before the listener looks at stop again
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -201,8 +202,9 @@ class FlowListener:
         waiting, one wake-up per batch rather than one per event, which would cost more than parsing them
         (and a batch read while the caches are warm costs less per event). The pause lasts until about
         one batch (BATCH_BIG events, fewer with a small receive buffer) is queued at the rate of the last
-        drain, at most BATCH_PAUSE; the receive buffer holds them meanwhile. A bigger drain means a heavy
-        stream, which is read on at once so that the buffer does not overflow."""
+        drain, at most BATCH_PAUSE (BATCH_FIRST after a quiet time, when the rate is not known yet); the
+        receive buffer holds them meanwhile. A full batch means a heavy stream, which is read on at once
+        so that the buffer does not overflow."""
         buf = bytearray(RECV_BUFFER)
         stats = self.stats
         poller = select.poll()
@@ -210,8 +212,9 @@ class FlowListener:
         poller.register(wake, select.POLLIN)
         next_sysctl = time.monotonic() + SYSCTL_EVERY
         wait = True
-        last = time.monotonic()  # when the previous drain began
+        ended = time.monotonic()  # when the previous drain ended
         while not self._stop.is_set():
+            woke = wait
             if wait:
                 poller.poll(max(0, math.ceil((next_sysctl - time.monotonic()) * 1000)))
                 if self._stop.is_set():
@@ -227,9 +230,11 @@ class FlowListener:
                 next_sysctl = now + SYSCTL_EVERY
                 self.check_sysctl()
             wait = read == 0
-            if 0 < read < self._batch:  # read / (began - last): the rate of the stream
-                self._stop.wait(min(BATCH_PAUSE, self._batch * (began - last) / read))
-            last = began
+            if 0 < read < self._batch:
+                # after a quiet time the rate is unknown: a short pause measures it; then the events read
+                # came in since the previous drain ended
+                self._stop.wait(BATCH_FIRST if woke else min(BATCH_PAUSE, self._batch * (began - ended) / read))
+            ended = now
 
     def _drain(self, sock: EventSocket, buf: bytearray) -> int:
         """Read what is queued without waiting (at most DRAIN_MAX datagrams, so that a stop is seen even

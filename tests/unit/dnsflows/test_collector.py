@@ -208,3 +208,20 @@ def test_series_stay_within_the_documented_cardinality() -> None:
               and not fam.name.startswith("conntrack_dns_exporter") for s in fam.samples]
     assert len(series) <= 2 * 4 + (10 + 2) + 8 == 28
     assert len(series) >= 20  # the scenario does fill the rows (a check that could not fail would be worthless)
+
+
+def test_an_idle_listener_stops_at_once() -> None:
+    """The listener waits for events without a timeout (an idle one costs no wake-ups, docs/dnsflows.md);
+    stop() must still end it at once, well within the exporter's shutdown budget, not at the next sysctl
+    re-read 30 s later. A socket that never receives anything stands in for a quiet event socket."""
+    quiet, other_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener = FlowListener(FlowStats(discovery()), open_socket=lambda: quiet, events_sysctl=lambda: 2)
+    try:
+        listener.start()
+        time.sleep(0.3)
+        assert listener.up and listener._thread is not None and listener._thread.is_alive()
+        started = time.monotonic()
+        listener.stop(5)
+        assert not listener._thread.is_alive() and time.monotonic() - started < 1.0
+    finally:
+        other_end.close()
