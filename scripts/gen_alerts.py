@@ -73,6 +73,13 @@ UPSTREAM_RATIO = 0.5               # external names fail above this on every ser
 CLUSTER_OK_RATIO = 0.05            # ... while cluster names fail below this
 NODELOCAL_RATIO = 0.05
 
+# The race fingerprint (docs/resolvers.md, "Race fingerprint"): recent partial pairs, at a rate more than
+# RACE_FACTOR times what the target's lone-query loss explains (uniform loss q: partial-pair rate 2q(1-q),
+# lone loss q), both rates over RACE_WINDOW so the reference has samples (every lost half is re-sent alone).
+RACE_MIN_PAIRS = 2
+RACE_FACTOR = 3
+RACE_WINDOW = "30m"
+
 # Windows (docs/alerts.md, "Timing"). With the DaemonSet's probe flags (every 5 s, timeout 5 s x 2 attempts)
 # a healthy target completes ~24 lookups per mode in 2 minutes and a dead one ~10; the ServiceMonitor
 # scrapes every 15 s. Ratios use WINDOW; "still happening" guards use RECENT, so an alert stops being true
@@ -101,6 +108,7 @@ def _or_zero(metric: str, sel: str, by: str, window: str, requests_sel: str) -> 
 
 ENDPOINT_QUERIES = "dns_probe_endpoint_queries_total"
 ENDPOINT_FAILED = 'result!~"ok|retried|slow"'
+ENDPOINT_LOST = 'result!~"ok|slow"'  # a retransmission or a failure: the endpoint queries lost packets too
 
 
 def _endpoint_failure_ratio(sel: str, by: str, window: str) -> str:
@@ -190,6 +198,9 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
     ]
 
     by_server = f"{NODE_LABELS}, server, kind"
+    partial = f"sum by ({by_server}) (increase(dns_probe_partial_pairs_total"
+    pairs = f"sum by ({by_server}) (increase(dns_probe_requests_total"
+    lone = f"sum by ({by_server}) (increase(dns_probe_lone_queries_total"
     by_zone = f"{by_server}, zone"
     req2 = "node_server_zone:dns_probe_requests:increase2m"
     fail2 = "node_server_zone:dns_probe_failures:increase2m"
@@ -376,17 +387,23 @@ def rules(job: str, runbook_base_url: str) -> list[dict[str, Any]]:
               f"{{{{ $labels.pod }}}}{{{{ end }}}}) took longer than {SLOW_SECONDS * 1000:.0f} ms without a "
               f"retransmission over the last {WINDOW} (alert above {SLOW_RATIO:.0%})."),
         alert("DNSParallelQueryRetries",
-              f'sum by ({by_server}) (increase(dns_probe_partial_pairs_total{{{s}, kind!="endpoint"}}'
-              f"[{WINDOW}])) >= 2\n"
+              f"(\n  {partial}{{{s}, kind!=\"endpoint\"}}[{WINDOW}])) >= {RACE_MIN_PAIRS}\n"
+              f"and on ({by_server})\n"
+              f"  (\n    {partial}{{{s}, kind!=\"endpoint\"}}[{RACE_WINDOW}]))\n"
+              f"    / {pairs}{{{s}, kind!=\"endpoint\", mode=\"parallel\", qtype=\"A\"}}[{RACE_WINDOW}]))\n  )\n"
+              f"  > {2 * RACE_FACTOR} * (\n"
+              f"    {lone}{{{s}, kind!=\"endpoint\", result=\"lost\"}}[{RACE_WINDOW}]))\n"
+              f"    / {lone}{{{s}, kind!=\"endpoint\"}}[{RACE_WINDOW}]))\n  )\n)\n"
               f"unless on (job, instance)\n"
-              f'  sum by (job, instance) (increase(dns_probe_partial_pairs_total{{{s}, kind="endpoint"}}'
-              f"[{WINDOW}])) > 0",
+              f"  sum by (job, instance) (increase({ENDPOINT_QUERIES}{{{s}, {ENDPOINT_LOST}}}[{WINDOW}])) > 0",
               "2m", "warning", "symptom",
               "Parallel A/AAAA lookups through a DNS address lose one answer of the pair (5-second delays).",
               f"Probes from node {NODE} to {{{{ $labels.server }}}} (kind {{{{ $labels.kind }}}}) lost one "
               f"answer of {{{{ $value | humanize }}}} parallel A/AAAA pairs in the last {WINDOW} while the other "
-              "came back at once, and probes straight to the CoreDNS endpoints lost none: the conntrack race's "
-              "fingerprint on the DNAT path. Applications using glibc or musl defaults wait 5 seconds each time."),
+              f"came back at once, more than {RACE_FACTOR} times what the loss of the same target's lone queries "
+              f"explains over {RACE_WINDOW}, and probes straight to the CoreDNS endpoints lost no query: the "
+              "conntrack race's fingerprint on the DNAT path, not packet loss. Applications using glibc or musl "
+              "defaults wait 5 seconds each time."),
     ]
 
     selfmon = [

@@ -11,7 +11,8 @@ Emits `dns_probe_duration_seconds`, `dns_probe_requests_total`, `dns_probe_failu
 from the resolver models (`exporter.dns.models`): `dns_probe_lookups_total`,
 `dns_probe_lookup_duration_seconds`; for the race fingerprint: `dns_probe_lone_queries_total`. The
 sampled CoreDNS endpoints get only `dns_probe_endpoint_queries_total` (one series per result) and
-`dns_probe_target_info` (issue 17); `dns_probe_skipped_total` counts rounds a target could not run on time.
+`dns_probe_target_info` (issue 17); `dns_probe_skipped_total` counts rounds a target could not run on time;
+`dns_probe_resolv_conf_usable` says whether the resolv.conf fallback can be used.
 """
 
 from __future__ import annotations
@@ -134,6 +135,15 @@ class DnsProbeCollector:
                 waits.add_metric([server, kind, res], h.cumulative(), h.total)
         yield from (duration, requests, failures, retries, partial, lone, lookups, waits, info, nodelocal, endpoint,
                     skipped)
+
+        usable = self._store.resolv_conf_usable()
+        if usable is not None:
+            resolv = GaugeMetricFamily(
+                "dns_probe_resolv_conf_usable",
+                "1 if --probe.resolv-conf (the targets' fallback: no other origin is configured) was read and "
+                "names a nameserver, 0 if it cannot be read or names none (then nothing is probed).")
+            resolv.add_metric([], 1.0 if usable else 0.0)
+            yield resolv
 
         if search:
             queries = GaugeMetricFamily(

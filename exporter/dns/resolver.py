@@ -31,8 +31,9 @@ Resolver emulation (glibc `res_send.c`, `send_dg`/`send_vc`):
   we leave ours unconnected so stray replies can be counted, and set IP_RECVERR so that an ICMP port
   unreachable still surfaces as ECONNREFUSED, as it does for glibc.
 
-The recorded duration runs from the first packet sent to the moment both answers (or final failures)
-are in hand: what the application waited.
+The recorded duration runs from just before the first socket is opened to the arrival of the last
+answer (or the moment the last query was given up): what the application waited, without the probe's
+own parsing and clean-up after that arrival.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class QueryOutcome:
     attempt: int = 0          # 0-based transmission whose reply ended it
     answers: int = 0          # answer records (0 with NOERROR = NODATA)
     first_reply: bool = False  # a reply (any) came back to the first transmission
+    at: float = 0.0           # perf_counter() when it ended: its reply's arrival, or when it was given up
 
 
 @dataclass
@@ -206,9 +208,11 @@ def _same_question(q: dns.message.Message, r: dns.message.Message) -> bool:
     return bool(a.name == b.name and a.rdtype == b.rdtype and a.rdclass == b.rdclass)
 
 
-def _finish(q: _Query, msg: dns.message.Message | None, attempt: int, reason: str | None = None) -> None:
+def _finish(q: _Query, msg: dns.message.Message | None, attempt: int, reason: str | None = None,
+            at: float = 0.0) -> None:
     q.out.done = True
     q.out.attempt = attempt
+    q.out.at = at or time.perf_counter()
     if msg is not None:
         q.out.reason = _RCODE_REASON.get(msg.rcode(), "servfail" if msg.rcode() != dns.rcode.NOERROR else None)
         q.out.answers = sum(len(rr) for rr in msg.answer if rr.rdtype == q.msg.question[0].rdtype)
@@ -294,6 +298,7 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
                 try:
                     async with asyncio.timeout(remaining):
                         data, src = await loop.sock_recvfrom(sock, 65535)
+                    arrived = time.perf_counter()
                 except TimeoutError:
                     break
                 except OSError:  # ICMP unreachable (IP_RECVERR), no route, ...
@@ -313,7 +318,7 @@ async def _udp(host: str, port: int, queries: list[_Query], timeout: float, atte
                     tcp_tasks.append(asyncio.create_task(_tcp_fallback(host, port, q, timeout, attempts, result,
                                                                     attempt, own)))
                     continue
-                _finish(q, msg, attempt)
+                _finish(q, msg, attempt, at=arrived)
             if attempt == 0 and len(queries) == 2:
                 answered = [q for q in queries if q.out.first_reply]
                 if len(answered) == 1:
@@ -363,9 +368,11 @@ async def _tcp(host: str, port: int, queries: list[_Query], timeout: float, atte
                 await writer.drain()
                 while any(not q.out.done for q in pending):
                     (n,) = struct.unpack("!H", await reader.readexactly(2))
-                    hit = ex.match(await reader.readexactly(n))
+                    data = await reader.readexactly(n)
+                    arrived = time.perf_counter()
+                    hit = ex.match(data)
                     if hit is not None:
-                        _finish(hit[0], hit[1], attempt)
+                        _finish(hit[0], hit[1], attempt, at=arrived)
         except TimeoutError:
             error = False
         except (OSError, asyncio.IncompleteReadError):  # refused, reset, closed early: the next try reconnects
@@ -402,6 +409,10 @@ async def lookup(host: str, port: int, name: str, mode: str, timeout: float, att
         for q in queries:
             if not q.out.done:
                 _finish(q, None, 0, "network")
-    result.duration = time.perf_counter() - start
+    end = time.perf_counter()
+    # Until the last answer arrived (or the last query was given up), not until its parsing and the socket's
+    # close were done: what the path took, without the probe's own bookkeeping after the fact.
+    settled = max((q.out.at for q in queries), default=0.0)
+    result.duration = (settled if all(q.out.done for q in queries) and start < settled <= end else end) - start
     result.outcomes = {q.qtype: q.out for q in queries}
     return result

@@ -185,6 +185,7 @@ class ProbeService:
     def _refresh_resolvconf(self) -> None:
         if self._configured_elsewhere():
             self.targets.set(RESOLVCONF, [])
+            self.store.set_resolv_conf(None)
             return
         try:
             conf = resolvconf.load(self.config.resolv_conf)
@@ -195,6 +196,7 @@ class ProbeService:
             if error:
                 log.warning("no probe targets: %s", error)
             self._resolv_error = error
+        self.store.set_resolv_conf(error is None)
         self._rotate = conf.rotate
         self._resolv_options = (conf.timeout if self.config.resolv_timeout else self.config.timeout,
                                 conf.attempts if self.config.resolv_attempts else self.config.attempts)

@@ -125,6 +125,7 @@ class ProbeStore:
         self._targets: dict[TargetKey, TargetStats] = {}
         self._present: dict[str, bool] = {}        # nodelocal server -> answering
         self._search: dict[str, SearchStats] = {}  # search-probe name -> last walk
+        self._resolv_conf: bool | None = None  # resolv.conf fallback in use: usable or not; None: not in use
 
     def ensure(self, key: TargetKey, modes: tuple[str, ...], resolvers: tuple[str, ...] = ()) -> None:
         """Create a target's series at zero, so rate() works from its first failure."""
@@ -205,6 +206,18 @@ class ProbeStore:
     def is_present(self, server: str) -> bool:
         with self._lock.lock:  # a read: does not move the version
             return self._present.get(server, False)
+
+    def set_resolv_conf(self, usable: bool | None) -> None:
+        """Whether the resolv.conf fallback's file is usable (None: the fallback is not in use)."""
+        with self._lock.lock:
+            if self._resolv_conf is usable:
+                return
+        with self._lock:
+            self._resolv_conf = usable
+
+    def resolv_conf_usable(self) -> bool | None:
+        with self._lock.lock:
+            return self._resolv_conf
 
     def record_search(self, name: str, queries: int, duration: float) -> None:
         with self._lock:

@@ -48,11 +48,12 @@ CONTRACT_METRICS = {
     "dns_probe_duration_seconds_bucket", "dns_probe_duration_seconds_count", "conntrack_dns_exporter_collector_success",
     "conntrack_dns_exporter_kubernetes_up", "conntrack_table_stale_dns_entries", "dns_probe_nodelocal_present",
     "dns_probe_target_info", "dns_probe_endpoint_queries_total", "conntrack_dns_flows_total",
-    "conntrack_dns_unanswered_flows_total",
+    "conntrack_dns_unanswered_flows_total", "dns_probe_lone_queries_total",
 }
 PROMQL_WORDS = {"sum", "min", "max", "count", "by", "without", "increase", "rate", "max_over_time", "or", "and",
                 "unless", "on", "group_left", "offset", "label_replace", "le", "job", "instance", "node", "server",
-                "kind", "mode", "cpu", "namespace", "zone", "reason", "pod", "result", "server_kind", "backend"}
+                "kind", "mode", "cpu", "namespace", "zone", "reason", "pod", "result", "server_kind", "backend",
+                "qtype"}
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
                                     reason="promtool missing (Debian package prometheus; make deps installs it)")
