@@ -172,7 +172,6 @@ class Signals:
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.reload = threading.Event()
-        self.wake = threading.Event()  # set with either: the main loop sleeps on it
         for name in TERMINATING:
             sig = getattr(signal, name, None)
             if sig is not None and (sig in (signal.SIGINT, signal.SIGTERM) or signal.getsignal(sig) == signal.SIG_DFL):
@@ -182,11 +181,9 @@ class Signals:
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         self.stop.set()
-        self.wake.set()
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
         self.reload.set()
-        self.wake.set()
 
 
 def reload_web_config(server: ExporterHTTPServer, path: str) -> None:
@@ -205,16 +202,15 @@ def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list
     for svc in services:
         svc.start()
     # Wake-ups cost CPU on every node (15 a second were 0.1% of a core): the accept loop waits without a
-    # timeout (server.shutdown() wakes it), the main loop until a signal handler wakes it (at once).
+    # timeout (server.shutdown() wakes it); the main loop wakes once a second: a signal may be delivered to
+    # any thread, and Python runs its handler only when the main thread runs (an untimed wait could hang).
     web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, name="web", daemon=True)
     web.start()
     server.ready.set()
     log.info("listening", extra={"kv": {"address": f"{host}:{server.port}", "version": __version__,
                                         "collectors": ",".join(c.name for c in collectors)}})
-    while not stop.is_set():
-        signals.wake.wait()
-        signals.wake.clear()
-        if signals.reload.is_set() and not stop.is_set():
+    while not stop.wait(1.0):
+        if signals.reload.is_set():
             signals.reload.clear()
             reload_web_config(server, web_config_file)
     # Everything below must finish well within 2 s (DaemonSet rollouts; terminationGracePeriodSeconds).
