@@ -6,10 +6,12 @@ signal whose default would kill the process (so the NOTRACK table is always remo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import platform
+import select
 import signal
 import sys
 import threading
@@ -169,11 +171,16 @@ TERMINATING = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", 
 
 class Signals:
     """Installed before anything needs cleaning up (the NOTRACK table): a signal sets a flag, the main
-    loop acts on it."""
+    loop acts on it. The main loop sleeps in `wait()` until a signal comes: a signal may be delivered to any
+    thread, and Python runs its handler only on the main one, so the C-level handler's write to the wakeup
+    fd (whatever thread it ran on) is what wakes the loop, and the signal numbers read from it set the
+    flags at once (the Python handler, which logs, runs right after on the main thread)."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self._wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
         for name in TERMINATING:
             sig = getattr(signal, name, None)
             if sig is not None and (sig in (signal.SIGINT, signal.SIGTERM) or signal.getsignal(sig) == signal.SIG_DFL):
@@ -186,6 +193,15 @@ class Signals:
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
         self.reload.set()
+
+    def wait(self) -> None:
+        """Until a signal has come (no wake-ups meanwhile); then stop or reload is set."""
+        if self.stop.is_set() or self.reload.is_set():
+            return
+        select.select([self._wakeup[0]], [], [])
+        with contextlib.suppress(BlockingIOError):
+            for signum in os.read(self._wakeup[0], 512):
+                (self.reload if signum == signal.SIGHUP else self.stop).set()
 
 
 def reload_web_config(server: ExporterHTTPServer, path: str) -> None:
@@ -203,15 +219,16 @@ def _serve(server: ExporterHTTPServer, services: list[Service], collectors: list
     stop = signals.stop
     for svc in services:
         svc.start()
-    # Wake-ups cost CPU on every node (15 a second were 0.1% of a core): the accept loop checks for shutdown
-    # twice a second, the main loop once (signal handlers interrupt its wait at once).
-    web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="web", daemon=True)
+    # Wake-ups cost CPU on every node (15 a second were 0.1% of a core): the accept loop waits without a
+    # timeout (server.shutdown() wakes it), the main loop until a signal comes (Signals.wait).
+    web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, name="web", daemon=True)
     web.start()
     server.ready.set()
     log.info("listening", extra={"kv": {"address": f"{host}:{server.port}", "version": __version__,
                                         "collectors": ",".join(c.name for c in collectors)}})
-    while not stop.wait(1.0):
-        if signals.reload.is_set():
+    while not stop.is_set():
+        signals.wait()
+        if signals.reload.is_set() and not stop.is_set():
             signals.reload.clear()
             reload_web_config(server, web_config_file)
     # Everything below must finish well within 2 s (DaemonSet rollouts; terminationGracePeriodSeconds).

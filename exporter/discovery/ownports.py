@@ -28,6 +28,12 @@ class OwnPorts:
                 self._ports = {k: t for k, t in self._ports.items() if t > now}
             self._ports[(proto, port)] = now + self._linger
 
+    def table(self) -> dict[tuple[int, int], float]:
+        """The registrations now ((protocol, port) -> monotonic time they end), for a caller that checks
+        many flows at once: read it after the flows' events were received (a registration precedes them),
+        and only read it (`register` replaces it whole when it expires entries)."""
+        return self._ports
+
     def __contains__(self, key: tuple[int, int]) -> bool:
         # Called for every DNS event: one dict read, no lock (a dict read is atomic, and `register`
         # replaces the dict whole when it expires entries).

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from exporter.discovery import Discovery
-from exporter.dnsflows.parse import IPS_SEEN_REPLY, Flow
+from exporter.dnsflows.parse import IPS_SEEN_REPLY, Event, Flow
 
 KIND_ORDER = ("nodelocal", "service", "endpoint", "static", "resolvconf")  # an address with several kinds
 OTHER = "other"
@@ -136,41 +136,68 @@ class FlowStats:
         self._own_ids[ct_id] = now + OWN_ID_TTL
 
     def new(self, flow: Flow) -> None:
-        if self._targets_version < 0:
-            self.refresh()  # first event; afterwards the listener refreshes once per batch
-        with self._lock:
-            self.events["new"] += 1
-            if self.own(flow):
-                self.excluded += 1
-                self.remember_own(flow[7], time.monotonic())
-                return
-            label = self._label(flow[2], flow[5])
-            self.flows[label] = self.flows.get(label, 0) + 1
+        proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
+        self.account([(True, proto, src, dst, sport, rsrc, status, ct_id)])
 
     def destroy(self, flow: Flow) -> None:
-        if self._targets_version < 0:
-            self.refresh()
-        with self._lock:
-            self.events["destroy"] += 1
-            if self._own_ids.pop(flow[7], None) is not None:
-                return
-            if flow[6] & IPS_SEEN_REPLY:
-                return
-            if self.own(flow):  # its NEW event was lost or came before we listened
-                return
-            label = self._label(flow[2], flow[5])
-            self.unanswered[label] = self.unanswered.get(label, 0) + 1
-            pod = self._pods.get(flow[1], NO_POD)
-            bucket = int(time.monotonic() / self._width)
-            if not self._buckets or self._buckets[-1][0] != bucket:
-                self._buckets.append((bucket, {}))
-                self._expire(bucket)
-            counts = self._buckets[-1][1]
-            counts[pod] = counts.get(pod, 0) + 1
+        proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
+        self.account([(False, proto, src, dst, sport, rsrc, status, ct_id)])
 
     def other_event(self) -> None:
+        self.account([], other=1)
+
+    def account(self, events: list[Event], other: int = 0) -> None:
+        """A batch of events in the order they came (`parse.Event`: NEW or DESTROY and the flow), plus
+        `other` events that were no DNS flow: one lock and one clock reading for the batch, the per-event
+        work in one loop (this runs for every DNS event the node sees)."""
+        if self._targets_version < 0:
+            self.refresh()  # first event; afterwards the listener refreshes once per batch
+        now = time.monotonic()
+        pods = self._pods
+        ports = self._discovery.own_ports.table()  # read after the batch was received: see OwnPorts
+        labels = self._labels
+        label_of = self._label
+        created = destroyed = 0
         with self._lock:
-            self.events["other"] += 1
+            flows, unanswered, own_ids = self.flows, self.unanswered, self._own_ids
+            counts: dict[tuple[str, str], int] | None = None
+            for is_new, proto, src, dst, sport, rsrc, status, ct_id in events:
+                if is_new:
+                    created += 1
+                    # one of the exporter's own probes: no pod, from a port the probes registered
+                    if ports and src not in pods and ports.get((proto, sport), 0.0) > now:
+                        self.excluded += 1
+                        self.remember_own(ct_id, now)
+                        own_ids = self._own_ids  # remember_own may have replaced it
+                        continue
+                    label = labels.get((dst, rsrc)) or label_of(dst, rsrc)
+                    flows[label] = flows.get(label, 0) + 1
+                    continue
+                destroyed += 1
+                if own_ids and own_ids.pop(ct_id, None) is not None:
+                    continue
+                if status & IPS_SEEN_REPLY:
+                    continue
+                # an own probe whose NEW event was lost or came before we listened
+                if ports and src not in pods and ports.get((proto, sport), 0.0) > now:
+                    continue
+                label = labels.get((dst, rsrc)) or label_of(dst, rsrc)
+                unanswered[label] = unanswered.get(label, 0) + 1
+                if counts is None:
+                    bucket = int(now / self._width)
+                    if not self._buckets or self._buckets[-1][0] != bucket:
+                        self._buckets.append((bucket, {}))
+                        self._expire(bucket)
+                    counts = self._buckets[-1][1]
+                pod = pods.get(src, NO_POD)
+                counts[pod] = counts.get(pod, 0) + 1
+            events_seen = self.events
+            if created:
+                events_seen["new"] += created
+            if destroyed:
+                events_seen["destroy"] += destroyed
+            if other:
+                events_seen["other"] += other
 
     def lost_events(self) -> None:
         with self._lock:

@@ -17,9 +17,12 @@ events ever reach it. One thread; the kernel queues events in the socket's recei
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
+import os
+import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -31,8 +34,7 @@ from exporter.core import logs
 from exporter.core.errors import CollectorError
 from exporter.dnsflows.bpf import dns_port_filter
 from exporter.dnsflows.flows import FlowStats
-from exporter.dnsflows.parse import CT_DELETE, CT_NEW, iter_flows, parse_flow
-from exporter.netlink import ParseError
+from exporter.dnsflows.parse import Event, iter_flows, parse_events
 
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 IPCTNL_MSG_CT_GET = 1
@@ -40,23 +42,27 @@ EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
 SYSCTL_EVERY = 30.0
 RESYNC_MIN_GAP = 60.0  # a dump of a full table costs about a second of CPU
 RESYNC_MAX_SECONDS = 10.0
-BATCH_PAUSE = 0.1  # seconds between draining the queue and waiting again (at most 10 wake-ups/s)
-BATCH_BIG = 512  # datagrams in one drain above which the listener does not pause
+BATCH_BIG = 1024  # events in one drain above which the listener does not pause (fewer with a small buffer)
+BATCH_BYTES = 4096  # receive buffer per event of such a batch: a batch fills at most ~1/6 of the buffer
+BATCH_PAUSE = 0.5  # seconds a pause between two drains lasts at most (a light stream: 2 wake-ups/s)
+BATCH_FIRST = 0.05  # seconds of the first pause after a quiet time, which measures the stream's rate
+DRAIN_MAX = 1024  # datagrams read (and accounted as one batch) before the listener looks at stop again
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 RECV_BUFFER = 1 << 16
-_MSG = struct.Struct("=IH").unpack_from
 
 
 class EventSocket(Protocol):
     def recv_into(self, buffer: bytearray, nbytes: int = 0, flags: int = 0, /) -> int: ...
+
+    def fileno(self) -> int: ...
 
     def close(self) -> None: ...
 
 
 def open_events(receive_buffer: int, use_filter: bool = True) -> socket.socket:
     """The event socket: filter first, then the groups, so no unfiltered event is ever queued."""
-    sock = netlink.open_socket(recv_timeout=0.5)
+    sock = netlink.open_socket()  # never blocks in recv: the listener polls it, then reads with MSG_DONTWAIT
     try:
         netlink.set_receive_buffer(sock, receive_buffer)
         if use_filter:
@@ -102,20 +108,10 @@ def dump_dns_flows(stats: FlowStats, deadline: float) -> list[int]:
 
 
 def feed(stats: FlowStats, buf: bytearray, n: int) -> None:
-    """Account every message of one datagram (the kernel sends one event per datagram)."""
-    off = 0
-    while off + 16 <= n:
-        mlen, mtype = _MSG(buf, off)
-        if mlen < 16 or off + mlen > n:
-            raise ParseError(f"truncated netlink message at offset {off} (length {mlen}, {n - off} left)")
-        flow = parse_flow(buf, off, off + mlen) if mtype in (CT_NEW, CT_DELETE) else None
-        if flow is None:
-            stats.other_event()
-        elif mtype == CT_NEW:
-            stats.new(flow)
-        else:
-            stats.destroy(flow)
-        off += (mlen + 3) & ~3
+    """Account every message of one datagram."""
+    batch: list[Event] = []
+    other = parse_events(buf, n, batch)
+    stats.account(batch, other)
 
 
 class FlowListener:
@@ -137,18 +133,34 @@ class FlowListener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_resync: float | None = None
+        self._last_lost = float("-inf")
+        self._wake: tuple[int, int] | None = None
+        # an event takes about 1.3 KB of the buffer (which the kernel doubles): a batch of this size leaves
+        # room for the bursts of DESTROY events the kernel's garbage collection sends
+        self._batch = max(16, min(BATCH_BIG, receive_buffer // BATCH_BYTES))
         self._log = logs.get("dnsflows")
 
     def start(self) -> None:
         self._stop.clear()
         self.check_sysctl()
-        self._thread = threading.Thread(target=self._loop, name="dnsflows", daemon=True)
+        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._loop, args=(self._wake[0],), name="dnsflows", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                os.write(wake[1], b"\0")  # ends the thread's wait for events at once
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still busy (a daemon thread): leave its pipe open
+        if wake is not None:
+            self._wake = None
+            for fd in wake:
+                os.close(fd)
 
     def check_sysctl(self) -> None:
         value = self._sysctl()
@@ -162,7 +174,7 @@ class FlowListener:
             self._log.warning("nf_conntrack_events enabled again", extra={"kv": {"value": value}})
         self.events_enabled = value
 
-    def _loop(self) -> None:
+    def _loop(self, wake: int) -> None:
         failures = 0
         while not self._stop.is_set():
             try:
@@ -179,62 +191,93 @@ class FlowListener:
             failures = 0
             self.up = True
             try:
-                self._receive(sock)
+                self._receive(sock, wake)
             finally:
                 sock.close()
 
-    def _receive(self, sock: EventSocket) -> None:
+    def _receive(self, sock: EventSocket, wake: int) -> None:
+        """Wait for events without a timeout (an idle listener costs no wake-ups; `stop()` writes to the
+        wake pipe, and the sysctl re-read bounds the wait), then read what is queued. A steady stream is
+        read in batches: after a drain that found events the listener pauses and drains again without
+        waiting, one wake-up per batch rather than one per event, which would cost more than parsing them
+        (and a batch read while the caches are warm costs less per event). The pause lasts until about
+        one batch (BATCH_BIG events, fewer with a small receive buffer) is queued at the rate of the last
+        drain, at most BATCH_PAUSE (BATCH_FIRST after a quiet time, when the rate is not known yet); the
+        receive buffer holds them meanwhile. A full batch means a heavy stream, which is read on at once
+        so that the buffer does not overflow."""
         buf = bytearray(RECV_BUFFER)
         stats = self.stats
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(wake, select.POLLIN)
         next_sysctl = time.monotonic() + SYSCTL_EVERY
-        last_lost = float("-inf")
-        blocking = True
-        batch = 0
+        wait = True
+        ended = time.monotonic()  # when the previous drain ended
         while not self._stop.is_set():
-            try:
-                n = sock.recv_into(buf, 0, 0 if blocking else socket.MSG_DONTWAIT)
-            except (BlockingIOError, TimeoutError, InterruptedError):
-                n = -1
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    stats.lost_events()
-                    now = time.monotonic()
-                    if now - last_lost > BURST_GAP:  # one line per burst of overflows
-                        self._log.warning("conntrack events lost (ENOBUFS: the receive buffer overflowed); "
-                                          "resyncing from a table dump; raise --collector.dnsflows.receive-buffer "
-                                          "if this repeats")
-                    last_lost = now
-                    self._resync_once()
-                    continue
-                self._log.warning("DNS flow listener: receive failed: %s; reopening", e.strerror)
+            woke = wait
+            if wait:
+                poller.poll(max(0, math.ceil((next_sysctl - time.monotonic()) * 1000)))
+                if self._stop.is_set():
+                    return
+            stats.refresh()  # the pod map and targets, at most once per REFRESH seconds, before accounting
+            began = time.monotonic()
+            read = self._drain(sock, buf)
+            if read < 0:
                 self.up = False
                 return
-            if n == 0:  # a replay ended
-                self._stop.wait(0.05)
-                continue
-            if n > 0:
-                try:
-                    feed(stats, buf, n)
-                except CollectorError as e:  # a garbled event: count it, keep listening
-                    stats.other_event()
-                    self._log.debug("unreadable conntrack event: %s", e)
-                if blocking:
-                    blocking = False  # drain what is queued without waiting, then pause
-                    batch = 0
-                batch += 1
-                continue
-            if not blocking:
-                # The queue is drained: pause before the next wait, so that a steady stream is read in
-                # batches (tens of events per wake-up) rather than one wake-up per event, which would cost
-                # more than parsing. The receive buffer holds the events meanwhile; a big batch means a
-                # heavy stream, which is read on at once so that the buffer does not overflow.
-                blocking = True
-                if batch < BATCH_BIG:
-                    self._stop.wait(BATCH_PAUSE)
-            stats.refresh()  # the pod map and targets, at most once per REFRESH seconds
-            if time.monotonic() >= next_sysctl:
-                next_sysctl = time.monotonic() + SYSCTL_EVERY
+            now = time.monotonic()
+            if now >= next_sysctl:
+                next_sysctl = now + SYSCTL_EVERY
                 self.check_sysctl()
+            wait = read == 0
+            if 0 < read < self._batch:
+                # after a quiet time the rate is unknown: a short pause measures it; then the events read
+                # came in since the previous drain ended
+                self._stop.wait(BATCH_FIRST if woke else min(BATCH_PAUSE, self._batch * (began - ended) / read))
+            ended = now
+
+    def _drain(self, sock: EventSocket, buf: bytearray) -> int:
+        """Read what is queued without waiting (at most DRAIN_MAX datagrams, so that a stop is seen even
+        under a flood) and account it as one batch. The number of datagrams read; -1 if the socket failed."""
+        stats = self.stats
+        recv_into = sock.recv_into
+        batch: list[Event] = []
+        other = read = 0
+        try:
+            while read < DRAIN_MAX:
+                try:
+                    n = recv_into(buf, 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    if e.errno != errno.ENOBUFS:
+                        self._log.warning("DNS flow listener: receive failed: %s; reopening", e.strerror)
+                        return -1
+                    stats.account(batch, other)  # what came before the overflow, then the resync
+                    batch, other = [], 0
+                    self._overflowed()
+                    continue
+                if n == 0:
+                    break
+                read += 1
+                try:
+                    other += parse_events(buf, n, batch)
+                except CollectorError as e:  # a garbled event: count it, keep listening
+                    other += 1
+                    self._log.debug("unreadable conntrack event: %s", e)
+        finally:
+            stats.account(batch, other)
+        return read
+
+    def _overflowed(self) -> None:
+        """ENOBUFS: the kernel dropped events. Counted, one log line per burst, and a resync."""
+        self.stats.lost_events()
+        now = time.monotonic()
+        if now - self._last_lost > BURST_GAP:
+            self._log.warning("conntrack events lost (ENOBUFS: the receive buffer overflowed); resyncing from a "
+                              "table dump; raise --collector.dnsflows.receive-buffer if this repeats")
+        self._last_lost = now
+        self._resync_once()
 
     def _resync_once(self) -> None:
         now = time.monotonic()

@@ -8,7 +8,6 @@ dump reply (the resync after lost events) has the same layout and goes through t
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Iterator
 
@@ -38,15 +37,17 @@ NLA_F_NESTED = 0x8000
 
 
 def _hdr(length: int, atype: int) -> int:
-    """An attribute header (len, type) as the native u32 the fast path reads."""
-    return int(struct.unpack("=I", struct.pack("=HH", length, atype))[0])
+    """An attribute header (native u16 len, u16 type) as the big-endian u32 the fast path reads."""
+    return int(struct.unpack("!I", struct.pack("=HH", length, atype))[0])
 
 
 # Fast path: an IPv4 event without zone lays out, at fixed offsets, the original tuple { ip { src, dst },
 # proto { num, sport, dport } }, the reply tuple (its source read, the rest skipped), then CTA_ID and
 # CTA_STATUS (the order of ctnetlink_conntrack_event). Every attribute header on the way is compared with
 # what it must be; anything else (IPv6, zones, dump replies, other kernels) takes the attribute walk.
-_FAST4 = struct.Struct("=16xB3x" "III4sI4s" "IIB3xIH2xIH2x" "III4s36x" "I4sI4s")
+# One unpack in network byte order reads the values as they are (ports, id, status) and each header as
+# a constant (its native bytes read big-endian), so nothing is converted afterwards.
+_FAST4 = struct.Struct("!16xB3x" "III4sI4s" "IIB3xIH2xIH2x" "III4s36x" "IIII")
 _FAST4_SIZE = _FAST4.size
 _FAST4_HDRS = (_hdr(52, CTA_TUPLE_ORIG | NLA_F_NESTED), _hdr(20, CTA_TUPLE_IP | NLA_F_NESTED),
                _hdr(8, CTA_IP_V4_SRC), _hdr(8, CTA_IP_V4_DST), _hdr(28, CTA_TUPLE_PROTO | NLA_F_NESTED),
@@ -55,9 +56,7 @@ _FAST4_HDRS = (_hdr(52, CTA_TUPLE_ORIG | NLA_F_NESTED), _hdr(20, CTA_TUPLE_IP | 
                _hdr(8, CTA_IP_V4_SRC), _hdr(8, CTA_ID), _hdr(8, CTA_STATUS))
 _FAST4_UNPACK = _FAST4.unpack_from
 _AF_INET = 2
-_DNS_NATIVE = int(struct.unpack("=H", struct.pack("!H", DNS_PORT))[0])
-_BE32 = struct.Struct("!I").unpack
-_ntohs = socket.ntohs
+_DNS_PROTOS = (PROTO_UDP, PROTO_TCP)
 
 
 def _tuple(buf: bytes | bytearray | memoryview, p: int, end: int) -> tuple[bytes, bytes, int, int, int]:
@@ -105,10 +104,9 @@ def parse_flow(buf: bytes | bytearray | memoryview, off: int, end: int) -> Flow 
         (_fam, oh, ih, sh, src, dh, dst, ph, nh, proto, sph, sport, dph, dport, rh, rih, rsh, rsrc, idh, ct_id,
          sth, status) = _FAST4_UNPACK(buf, off)
         if (oh, ih, sh, dh, ph, nh, sph, dph, rh, rih, rsh, idh, sth) == _FAST4_HDRS:
-            if dport != _DNS_NATIVE or proto not in (PROTO_UDP, PROTO_TCP):
+            if dport != DNS_PORT or proto not in _DNS_PROTOS:
                 return None
-            return (proto, src, dst, _ntohs(sport), DNS_PORT, rsrc, _BE32(status)[0],
-                    _BE32(ct_id)[0])
+            return proto, src, dst, sport, DNS_PORT, rsrc, status, ct_id
     return _walk(buf, off, end)
 
 
@@ -152,3 +150,42 @@ def iter_flows(buf: bytes | bytearray | memoryview, n: int) -> Iterator[tuple[in
         else:
             yield mtype, None
         off += (mlen + 3) & ~3
+
+
+# (is NEW, proto, orig src, orig dst, sport, reply src, status, id): a Flow without its dport (always 53),
+# with the event type in front: what the listener hands the accounting for each DNS event.
+Event = tuple[bool, int, bytes, bytes, int, bytes, int, int]
+
+
+def parse_events(buf: bytes | bytearray | memoryview, n: int, out: list[Event]) -> int:
+    """Append the DNS flows of the NEW and DELETE messages in buf[:n] to `out`, one Event each; return how
+    many messages were no DNS flow. The same reading as `parse_flow`, with its fast path inline (this runs
+    for every event the socket delivers, DNS or not)."""
+    off = 0
+    other = 0
+    while off + 16 <= n:
+        mlen, mtype = _MSG(buf, off)
+        if mlen < 16 or off + mlen > n:
+            raise ParseError(f"truncated netlink message at offset {off} (length {mlen}, {n - off} left)")
+        if mtype != CT_NEW and mtype != CT_DELETE:
+            other += 1
+            off += (mlen + 3) & ~3
+            continue
+        if mlen >= _FAST4_SIZE and buf[off + 16] == _AF_INET:
+            (_fam, oh, ih, sh, src, dh, dst, ph, nh, proto, sph, sport, dph, dport, rh, rih, rsh, rsrc, idh, ct_id,
+             sth, status) = _FAST4_UNPACK(buf, off)
+            if (oh, ih, sh, dh, ph, nh, sph, dph, rh, rih, rsh, idh, sth) == _FAST4_HDRS:
+                if dport != DNS_PORT or proto not in _DNS_PROTOS:
+                    other += 1
+                else:
+                    out.append((mtype == CT_NEW, proto, src, dst, sport, rsrc, status, ct_id))
+                off += (mlen + 3) & ~3
+                continue
+        flow = _walk(buf, off, off + mlen)
+        if flow is None:
+            other += 1
+        else:
+            proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
+            out.append((mtype == CT_NEW, proto, src, dst, sport, rsrc, status, ct_id))
+        off += (mlen + 3) & ~3
+    return other

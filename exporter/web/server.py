@@ -296,6 +296,8 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         with self._lock:
             self._closing = True
             conns = list(self._conns)
+        with contextlib.suppress(OSError):  # wakes serve_forever's wait at once (it may poll without a timeout)
+            self.socket.shutdown(socket.SHUT_RDWR)
         super().shutdown()
         for c in conns:
             with contextlib.suppress(OSError):

@@ -24,6 +24,7 @@ import dns.query
 import pytest
 
 from tests.lab import Lab
+from tests.lab.dnsq import query
 from tests.lab.topology import STALE_IP
 from tests.support import fakeapi
 from tests.support.exporter_proc import Samples
@@ -185,3 +186,38 @@ def test_stale_endpoint_unanswered_flows_name_the_stale_address(env: Env) -> Non
     assert after.get(STALE_IP, 0) - before == failed, after
     assert all(after.get(b.ip, 0) == unanswered0.get(b.ip, 0) for b in lab.backends), (unanswered0, after)
     assert env.by_backend("conntrack_dns_flows_total").get(STALE_IP, 0) >= failed
+
+
+def nodelocal_queries(lab: Lab, n: int) -> list[str]:
+    """n queries from the pod to NodeLocal for names it has not cached (each asked upstream, which answers
+    NXDOMAIN): the outcomes."""
+    return [query(lab.pod.name, lab.nodelocal_ip, f"nl{time.time_ns()}.default.svc.cluster.local",
+                  timeout=2.0).outcome for _ in range(n)]
+
+
+def test_nodelocal_upstream_flows_are_counted_and_pod_to_nodelocal_ones_are_not(env: Env) -> None:
+    """NodeLocal DNSCache's NOTRACK rules hide pod -> NodeLocal flows, but NodeLocal's own upstream
+    queries (TCP from the node to the Service IP, DNAT to a backend) are tracked: they are counted per
+    backend and answered, and nothing is counted for the NodeLocal address (docs/dnsflows.md)."""
+    lab = env.lab
+    settle(env, flush=True)
+    flows0 = env.by_backend("conntrack_dns_flows_total")
+    unanswered0 = env.by_backend("conntrack_dns_unanswered_flows_total")
+    others0 = {k: env.by_backend("conntrack_dns_flows_total", kind=k) for k in ("nodelocal", "other")}
+    lab.start_nodelocal()  # a fresh NodeLocal: nothing cached, no upstream connection open to reuse
+    wait_until("NodeLocal answering", lambda: query(lab.node.name, lab.nodelocal_ip, lab.cluster_name,
+                                                    timeout=0.5).ok, 15, interval=0.2)
+    outcomes = nodelocal_queries(lab, 10)
+    assert set(outcomes) == {"NXDOMAIN"}, outcomes  # answered (by the backends, through NodeLocal)
+    backends = {b.ip for b in lab.backends}
+    wait_until("NodeLocal's upstream flows counted",
+               lambda: sum(env.by_backend("conntrack_dns_flows_total").values()) > sum(flows0.values()), 15)
+    tcp = lab.node.exec(["conntrack", "-L", "-p", "tcp", "--orig-dst", lab.service_ip]).stdout
+    assert f"src={lab.node_ip}" in tcp, tcp  # NodeLocal connected upstream (the probes' flows are excluded)
+    flows = env.by_backend("conntrack_dns_flows_total")
+    grown = {b for b, n in flows.items() if n > flows0.get(b, 0)}
+    assert grown and grown <= backends, (flows0, flows)  # through the Service IP's DNAT to the backends
+    assert {k: env.by_backend("conntrack_dns_flows_total", kind=k) for k in ("nodelocal", "other")} == others0
+    assert lab.nodelocal_ip not in lab.node.exec(["conntrack", "-L"]).stdout  # pod -> NodeLocal: NOTRACK
+    settle(env)
+    assert env.by_backend("conntrack_dns_unanswered_flows_total") == unanswered0

@@ -10,7 +10,9 @@ untracked after the exporter is gone, and the next exporter on another port leav
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
+import platform
 import shutil
 import signal
 import time
@@ -112,5 +114,34 @@ def test_sighup_reloads_the_web_config_and_a_broken_one_keeps_the_previous(tmp_p
         assert e.proc.poll() is None
         lines = [ln for ln in e.stderr().splitlines() if "keeping the previous web config" in ln]
         assert len(lines) == 1 and "not a bcrypt hash" in lines[0] and "Traceback" not in e.stderr()
+    finally:
+        e.stop()
+
+
+def _signal_another_thread(pid: int, sig: int) -> None:
+    """Send `sig` to one thread of the process other than the main one (tgkill; the kernel otherwise picks
+    any thread that does not block it). Threads come and go (a scrape's connection thread): try each."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        if int(task.name) != pid and libc.syscall(234, pid, int(task.name), sig) == 0:  # SYS_tgkill (x86_64)
+            return
+    raise AssertionError("no thread but the main one to send the signal to")
+
+
+def test_a_signal_landing_on_another_thread_than_the_main_one_is_acted_on_at_once(netns: Netns) -> None:
+    """The main loop sleeps without a timeout until a signal comes (no idle wake-ups); Python runs signal
+    handlers on the main thread only, so a SIGHUP or SIGTERM the kernel delivers to another thread (any
+    thread may get it: `kill` addresses the process) must still wake it: reload at once, exit within 2 s."""
+    if platform.machine() != "x86_64":
+        pytest.skip("tgkill's syscall number is x86_64's")
+    e = Exporter(["--collector.dnsflows"], netns=netns)
+    try:
+        e.wait_ready()
+        _signal_another_thread(e.proc.pid, signal.SIGHUP)
+        _wait_log(e, "no --web.config.file to reload", timeout=1.0)
+        t0 = time.monotonic()
+        _signal_another_thread(e.proc.pid, signal.SIGTERM)
+        e.proc.wait(5)
+        assert time.monotonic() - t0 < 2.0 and e.proc.returncode == 0, e.stderr()
     finally:
         e.stop()

@@ -5,8 +5,10 @@ lost events and the resync, nf_conntrack_events=0."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -24,10 +26,16 @@ from tests.unit.dnsflows.test_parse_bpf import events
 
 
 class Replay:
-    """Hands out recorded datagrams (or raises a recorded error) like the event socket, then nothing."""
+    """Hands out recorded datagrams (or raises a recorded error) like the event socket, then nothing. Its
+    fileno() is a pipe that is always readable, so the listener's wait for events never blocks on it."""
 
     def __init__(self, items: list[bytes | OSError]) -> None:
         self.items = list(items)
+        self._pipe = os.pipe()
+        os.write(self._pipe[1], b"x")
+
+    def fileno(self) -> int:
+        return self._pipe[0]
 
     def recv_into(self, buf: bytearray, nbytes: int = 0, flags: int = 0, /) -> int:
         if not self.items:
@@ -40,7 +48,9 @@ class Replay:
         return len(item)
 
     def close(self) -> None:
-        pass
+        for fd in self._pipe:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def discovery() -> Discovery:
@@ -198,3 +208,20 @@ def test_series_stay_within_the_documented_cardinality() -> None:
               and not fam.name.startswith("conntrack_dns_exporter") for s in fam.samples]
     assert len(series) <= 2 * 4 + (10 + 2) + 8 == 28
     assert len(series) >= 20  # the scenario does fill the rows (a check that could not fail would be worthless)
+
+
+def test_an_idle_listener_stops_at_once() -> None:
+    """The listener waits for events without a timeout (an idle one costs no wake-ups, docs/dnsflows.md);
+    stop() must still end it at once, well within the exporter's shutdown budget, not at the next sysctl
+    re-read 30 s later. A socket that never receives anything stands in for a quiet event socket."""
+    quiet, other_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener = FlowListener(FlowStats(discovery()), open_socket=lambda: quiet, events_sysctl=lambda: 2)
+    try:
+        listener.start()
+        time.sleep(0.3)
+        assert listener.up and listener._thread is not None and listener._thread.is_alive()
+        started = time.monotonic()
+        listener.stop(5)
+        assert not listener._thread.is_alive() and time.monotonic() - started < 1.0
+    finally:
+        other_end.close()

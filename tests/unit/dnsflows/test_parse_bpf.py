@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from exporter.dnsflows.bpf import dns_port_filter
-from exporter.dnsflows.parse import CT_DELETE, CT_NEW, IPS_SEEN_REPLY, _walk, iter_flows, parse_flow
+from exporter.dnsflows.parse import CT_DELETE, CT_NEW, IPS_SEEN_REPLY, _walk, iter_flows, parse_events, parse_flow
 from exporter.netlink import ParseError
 from tests.unit.dnsflows import bpfvm
 
@@ -59,6 +59,22 @@ def test_the_fixed_offset_fast_path_reads_what_the_attribute_walk_reads() -> Non
     d = next(e for e in events() if e[16] == socket.AF_INET and parse_flow(e, 0, len(e)) is not None)
     moved = d[:74] + struct.pack("=H", 2 | 0x8000 | 0x4000) + d[76:]  # reply tuple type with an extra flag bit
     assert parse_flow(moved, 0, len(moved)) == _walk(moved, 0, len(moved)) == parse_flow(d, 0, len(d))
+
+
+def test_the_listeners_parser_reads_what_parse_flow_reads() -> None:
+    """`parse_events` (the listener's, with the fast path inline) yields the same flows and types as
+    `iter_flows`/`parse_flow`, counts the rest as other, and takes the walk for a layout it does not know."""
+    d4 = next(e for e in events() if e[16] == socket.AF_INET and parse_flow(e, 0, len(e)) is not None)
+    moved = d4[:74] + struct.pack("=H", 2 | 0x8000 | 0x4000) + d4[76:]
+    for d in [*events(), moved]:
+        out: list[tuple] = []
+        other = parse_events(d, len(d), out)
+        want = [((m == CT_NEW, f[0], f[1], f[2], f[3], f[5], f[6], f[7]) if f is not None else None)
+                for m, f in iter_flows(d, len(d))]
+        assert out == [w for w in want if w is not None]
+        assert other == sum(w is None for w in want)
+    with pytest.raises(ParseError):
+        parse_events(d4[:-8], len(d4) - 8, [])  # the message claims more bytes than the datagram has
 
 
 def test_the_bpf_program_passes_exactly_the_dns_events() -> None:
