@@ -143,9 +143,6 @@ class FlowStats:
         proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
         self.account([(False, proto, src, dst, sport, rsrc, status, ct_id)])
 
-    def other_event(self) -> None:
-        self.account([], other=1)
-
     def account(self, events: list[Event], other: int = 0) -> None:
         """A batch of events in the order they came (`parse.Event`: NEW or DESTROY and the flow), plus
         `other` events that were no DNS flow: one lock and one clock reading for the batch, the per-event

@@ -107,13 +107,6 @@ def dump_dns_flows(stats: FlowStats, deadline: float) -> list[int]:
     return own
 
 
-def feed(stats: FlowStats, buf: bytearray, n: int) -> None:
-    """Account every message of one datagram."""
-    batch: list[Event] = []
-    other = parse_events(buf, n, batch)
-    stats.account(batch, other)
-
-
 class FlowListener:
     """Receives conntrack events on its own thread and feeds them into a `FlowStats`."""
 
