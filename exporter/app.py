@@ -18,7 +18,7 @@ import threading
 import time
 from types import FrameType
 
-from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import GCCollector, PlatformCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
@@ -26,6 +26,7 @@ from exporter import __version__
 from exporter.core import caps, logs
 from exporter.core.errors import ExporterError
 from exporter.core.feature import AppContext
+from exporter.core.process import ProcessCollector
 from exporter.core.scrape import Collector, ScrapeWrapper, Service
 from exporter.diagnose import page
 from exporter.diagnose.live import LiveDiagnosis
@@ -73,7 +74,7 @@ def build_registry(collectors: list[Collector], exporter_metrics: bool = True) -
     registry.register(ScrapeWrapper(collectors))
     registry.register(BuildInfo())
     if exporter_metrics:
-        ProcessCollector(registry=registry)
+        registry.register(ProcessCollector())
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
     return registry

@@ -21,6 +21,7 @@ from prometheus_client.utils import floatToGoString
 EOF = b"# EOF\n"
 OPENMETRICS = "application/openmetrics-text"
 MAX_TEMPLATES = 4096  # shapes kept; label churn (rollouts) beyond this starts over
+MAX_VALUES = 8192     # formatted values kept (most values are the same from one scrape to the next)
 
 Template = tuple[tuple[tuple[str, int], ...], str]  # ((text before value, sample index), ...), tail
 
@@ -35,6 +36,21 @@ class _Families:
 
     def collect(self) -> Iterable[Metric]:
         return self._families
+
+
+_formatted: dict[float, str] = {}
+
+
+def format_value(v: float) -> str:
+    """floatToGoString(v), remembered: most samples keep their value from one scrape to the next."""
+    s = _formatted.get(v)
+    if s is None:
+        s = floatToGoString(v)
+        if v != 0:  # 0.0 and -0.0 are one key but two texts; NaN is never found, so never kept
+            if len(_formatted) >= MAX_VALUES:
+                _formatted.clear()
+            _formatted[v] = s
+    return s
 
 
 def _sentinel(i: int) -> float:
@@ -64,7 +80,7 @@ class FamilyTemplates:
                 out.append(self.plain([fam]).decode())
                 continue
             key = (fam.name, fam.type, fam.documentation, fam.unit,
-                   tuple((s.name, tuple(s.labels.items())) for s in samples))
+                   tuple([(s.name, tuple(s.labels.items())) for s in samples]))
             with self._lock:
                 known = key in self._templates
                 template = self._templates.get(key)
@@ -80,7 +96,7 @@ class FamilyTemplates:
             parts, tail = template
             for text, i in parts:
                 out.append(text)
-                out.append(floatToGoString(samples[i].value))
+                out.append(format_value(samples[i].value))
             out.append(tail)
         return "".join(out).encode()
 

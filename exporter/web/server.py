@@ -13,7 +13,8 @@ collection never waits for a probe (probes run in the background and only publis
 bounded by `--web.max-connections`; requests must be complete within `--web.read-timeout`, idle keep-alive
 connections last `--web.idle-timeout`, and at the limit a new connection takes the slot of the slowest or
 longest-idle one, so kubelet's probes and Prometheus are served during a slowloris attack (slots.py).
-TLS handshakes happen on the connection's thread, never in the accept loop. With `--web.config.file`
+TLS handshakes happen on the connection's thread, never in the accept loop; requests are read and
+answered by handler.py. With `--web.config.file`
 (TLS, basic auth; see exporter/webconfig.py) every path needs credentials except `/`, `/-/healthy` and
 `/-/ready`, which kubelet probes must reach without them.
 
@@ -28,35 +29,26 @@ arrived while another rendered the registry and shared its result), with TLS the
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import gzip
-import html
-import io
 import socket
+import socketserver
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import __version__
 from exporter.core import logs
-from exporter.web import certinfo, slots
+from exporter.web import certinfo, handler, slots
 from exporter.web.render import OPENMETRICS, FamilyTemplates, render_registry
 from exporter.web.slots import Conn
 from exporter.web.webconfig import WebConfig, WebConfigError
 
 log = logs.get("web")
 
-PUBLIC_PATHS = frozenset({"/-/healthy", "/-/ready"})  # kubelet probes; "/" only with landing_public
 REJECT_LOG_INTERVAL = 10.0
 
 
@@ -142,7 +134,7 @@ class _Only:
                 yield out
 
 
-class ExporterHTTPServer(ThreadingHTTPServer):
+class ExporterHTTPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
@@ -175,12 +167,12 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if (":" in host or host == "") and socket.has_ipv6 else socket.AF_INET
         bind_host = host or ("::" if self.address_family == socket.AF_INET6 else "0.0.0.0")
         try:
-            super().__init__((bind_host, port), _Handler)
+            super().__init__((bind_host, port), socketserver.BaseRequestHandler)
         except OSError:
             if host != "" or self.address_family != socket.AF_INET6:
                 raise
             self.address_family = socket.AF_INET  # no IPv6 in this namespace: listen on IPv4 only
-            super().__init__(("0.0.0.0", port), _Handler)
+            super().__init__(("0.0.0.0", port), socketserver.BaseRequestHandler)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -203,6 +195,10 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         cfg = self._web_config
         if cfg is not None:
             self._web_config = cfg.reloaded(force=True)
+
+    def only(self, names: frozenset[str]) -> _Only:
+        """The registry with only the samples (or families) named: `/metrics?name[]=...`."""
+        return _Only(self.registry, names)
 
     @property
     def port(self) -> int:
@@ -263,7 +259,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
             tls = self.web_config is not None and self.web_config.tls is not None
             if tls and not self._handshake(conn):
                 return
-            _Handler(conn.sock, client_address, self, conn)
+            handler.serve(self, conn, client_address)
         except Exception as e:  # one line, never a traceback on stderr or in a response
             log.debug("connection from %s failed: %s: %s", client_address, type(e).__name__, e)
         finally:
@@ -356,138 +352,3 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     def describe(self) -> list[Metric]:
         return []
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ExporterHTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = f"conntrack-dns-exporter/{__version__}"
-    sys_version = ""
-
-    def __init__(self, request: socket.socket, client_address: Any, server: ExporterHTTPServer,
-                 conn: Conn | None = None) -> None:
-        self.conn = conn if conn is not None else Conn(request, server.read_timeout)
-        super().__init__(request, client_address, server)
-
-    def setup(self) -> None:
-        # Reads go through the request deadline (slots.DeadlineReader): a request must be complete within
-        # the read timeout however slowly it trickles in; between keep-alive requests the idle timeout applies.
-        super().setup()
-        self.rfile.close()
-        self._reader = slots.DeadlineReader(self.conn, self.server.read_timeout, self.server.idle_timeout)
-        self.rfile = io.BufferedReader(self._reader)
-        if not self.server.keepalive:
-            self.protocol_version = "HTTP/1.0"
-
-    def parse_request(self) -> bool:
-        ok = super().parse_request()
-        self.conn.request_parsed()
-        with contextlib.suppress(OSError):  # writing the response: each send may wait this long
-            self.request.settimeout(self.server.read_timeout)
-        return ok
-
-    def handle_one_request(self) -> None:
-        try:
-            super().handle_one_request()
-        finally:
-            if self._reader.timed_out:
-                self._reader.timed_out = False
-                self.server.evictions.count_timeout()
-                self.close_connection = True
-        if self.conn.state == slots.BUSY:
-            self.conn.response_sent()
-
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        path = url.path
-        public = path in PUBLIC_PATHS or (path == "/" and self.server.landing_public)
-        if not public and not self._authorized():
-            return
-        if path == self.server.telemetry_path:
-            self._metrics(parse_qs(url.query).get("name[]", []))
-        elif path == "/-/healthy":
-            self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
-        elif path == "/-/ready":
-            if self.server.ready.is_set():
-                self._send(200, b"Ready\n", "text/plain; charset=utf-8")
-            else:
-                self._send(503, b"Not ready\n", "text/plain; charset=utf-8")
-        elif path == "/":
-            self._send(200, self._landing(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
-        else:
-            self._send(404, b"Not found\n", "text/plain; charset=utf-8")
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
-    def _authorized(self) -> bool:
-        cfg = self.server.web_config
-        if cfg is None or not cfg.auth_required:
-            return True
-        header = self.headers.get("Authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "basic":
-            try:
-                user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                user, sep, password = "", "", ""
-            if sep and cfg.check_password(user, password):
-                return True
-        self.server.count_auth_failure()
-        self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
-                   {"WWW-Authenticate": 'Basic realm="conntrack-dns-exporter", charset="UTF-8"'})
-        return False
-
-    def _metrics(self, names: list[str]) -> None:
-        accept = self.headers.get("Accept", "")
-        try:
-            encoder, content_type = choose_encoder(accept)
-            if names:  # rare (ad-hoc debugging): rendered on its own, not shared with full scrapes
-                body = encoder(_Only(self.server.registry, frozenset(names)))
-            else:
-                body = self.server.exposition.render(content_type, encoder)
-        except Exception as e:  # never a traceback in a response (collectors are wrapped; this is a last resort)
-            log.error("exposition failed: %s: %s", type(e).__name__, e)
-            self._send(500, b"internal error while collecting metrics; see the exporter's log\n",
-                       "text/plain; charset=utf-8")
-            return
-        headers = {}
-        if "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = gzip.compress(body, compresslevel=1)
-            headers["Content-Encoding"] = "gzip"
-        self._send(200, body, content_type, headers)
-
-    def _landing(self) -> bytes:
-        if self.server.landing is not None:
-            try:
-                return self.server.landing()
-            except Exception as e:  # the page is best effort; the links below always work
-                log.error("status page failed: %s: %s", type(e).__name__, e)
-        return (
-            "<!DOCTYPE html><html><head><title>conntrack-dns-exporter</title></head><body>"
-            f"<h1>conntrack-dns-exporter</h1><p>Version {html.escape(__version__)}</p>"
-            "<p>Conntrack table statistics and synthetic DNS probes of the node's DNS path.</p>"
-            f'<ul><li><a href="{html.escape(self.server.telemetry_path.lstrip("/"))}">Metrics</a></li>'
-            '<li><a href="-/healthy">Health</a></li>'
-            '<li><a href="-/ready">Readiness</a></li></ul>'
-            "</body></html>\n"
-        ).encode()
-
-    def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        cfg = self.server.web_config
-        for k, v in {**(cfg.headers if cfg is not None else {}), **(headers or {})}.items():
-            self.send_header(k, v)
-        if not self.server.keepalive:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug(format % args)
-
-    def log_error(self, format: str, *args: Any) -> None:
-        log.debug(format % args)

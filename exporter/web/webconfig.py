@@ -348,7 +348,8 @@ def _parse(path: Path, data: Any) -> WebConfig:
         _check_keys(http, {"headers"}, "http_server_config", path)
         headers = _mapping(http.get("headers"), "http_server_config.headers")
         for k, v in headers.items():
-            if not isinstance(k, str) or not isinstance(v, str | int) or "\n" in f"{k}{v}" or "\r" in f"{k}{v}":
+            if (not isinstance(k, str) or not isinstance(v, str | int) or "\n" in f"{k}{v}" or "\r" in f"{k}{v}"
+                    or not f"{k}{v}".isascii()):
                 raise WebConfigError(f"http_server_config.headers: invalid header {k!r}")
             cfg.headers[k] = str(v)
 

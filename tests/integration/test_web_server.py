@@ -252,3 +252,60 @@ def test_simultaneous_scrapes_share_one_rendering() -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def _exchange(port: int, data: bytes) -> tuple[bytes, bool]:
+    """Send `data` on a new connection; what came back, and whether the server closed the connection."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=3)
+    try:
+        s.sendall(data)
+        got = b""
+        s.settimeout(0.5)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+            return got, True
+        except TimeoutError:
+            return got, False
+    finally:
+        s.close()
+
+
+def test_pipelined_requests_answered_in_order_on_one_connection(server: ExporterHTTPServer) -> None:
+    got, closed = _exchange(server.port, b"GET /-/healthy HTTP/1.1\r\n\r\nHEAD /metrics HTTP/1.1\r\n\r\n"
+                                         b"GET /metrics HTTP/1.1\r\n\r\n")
+    first, second, third = got.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert first.endswith(b"\r\n\r\nHealthy\n")
+    length = int(second.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    assert second.endswith(b"\r\n\r\n"), "HEAD got a body"
+    body = third.split(b"\r\n\r\n", 1)[1]
+    assert len(body) == length and b"test_value 1.0" in body
+    assert not closed, "a keep-alive connection was closed"
+
+
+@pytest.mark.parametrize(("request_", "status"), [
+    (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+    (b"GET /metrics HTTP/1.1\r\n" + b"X: 1\r\n" * 101 + b"\r\n", b"431"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"501"),
+    (b"GET /metrics HTTP/1.1\r\nContent-Length: 4\r\n\r\nGET ", b"400"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"505"),
+])
+def test_refused_requests_get_one_answer_and_the_connection_closes(server: ExporterHTTPServer, request_: bytes,
+                                                                   status: bytes) -> None:
+    got, closed = _exchange(server.port, request_)
+    assert got.startswith(b"HTTP/1.1 " + status) and got.count(b"HTTP/1.1 ") == 1
+    assert b"Connection: close" in got and closed and b"Traceback" not in got
+    assert _scrape(server.port)[0] == 200  # and the server serves the next client
+
+
+@pytest.mark.parametrize(("request_", "stays_open"), [
+    (b"GET /-/healthy HTTP/1.0\r\n\r\n", False),
+    (b"GET /-/healthy HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"GET /-/healthy HTTP/1.1\r\nConnection: close\r\n\r\n", False),
+])
+def test_connection_kept_open_as_the_client_asks(server: ExporterHTTPServer, request_: bytes,
+                                                 stays_open: bool) -> None:
+    got, closed = _exchange(server.port, request_)
+    assert got.endswith(b"Healthy\n") and closed is not stays_open
+    assert (b"Connection: close" in got) is not stays_open

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -14,8 +16,9 @@ from prometheus_client.metrics_core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.utils import floatToGoString
 
-from exporter.web.render import FamilyTemplates, _Families
+from exporter.web.render import FamilyTemplates, _Families, format_value
 
 FORMATS = {"text": "", "openmetrics": "application/openmetrics-text;version=1.0.0"}
 
@@ -54,3 +57,12 @@ def test_a_new_label_set_is_not_served_with_an_old_template() -> None:
     g2.add_metric(["10.0.0.3:53"], 1)
     assert t.encode([g2]) == encoder(_Families([g2]))
     assert b"10.0.0.1" not in t.encode([g2])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.floats(), st.integers(-(2**70), 2**70), st.sampled_from([0.0, -0.0, 0, 1, True])),
+                min_size=1, max_size=30))
+def test_remembered_values_print_as_the_encoder_prints_them(values: list[float]) -> None:
+    """Values seen before come from the cache: the same text as floatToGoString, -0.0 and 0.0 apart."""
+    for v in values + values[::-1]:
+        assert format_value(v) == floatToGoString(v)

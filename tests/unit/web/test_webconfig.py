@@ -72,6 +72,8 @@ def test_tls_paths_are_relative_to_the_file_and_a_ca_alone_means_verify(tmp_path
     ("tls_server_config:\n  cert_file: x\n  key_file: y\n  client_allowed_sans: [a]\n", "not supported"),
     ("rate_limit: 5\nbogus: 1\n", "unknown key 'bogus'"),
     ("http_server_config:\n  headers:\n    X-Bad: \"a\\r\\nSet-Cookie: x\"\n", "invalid header"),
+    # HTTP headers are bytes: a value that cannot be sent would fail every response, not the start.
+    ("http_server_config:\n  headers:\n    X-Team: \"Équipe DNS\"\n", "invalid header"),
     ("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n", "cannot load cert_file"),
 ])
 def test_bad_files_fail_at_load_with_one_line(tmp_path: Path, text: str, expect: str) -> None:
