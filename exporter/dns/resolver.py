@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import socket
@@ -124,18 +125,33 @@ class ProbeResult:
 @dataclass
 class _Query:
     qtype: str
-    msg: dns.message.Message
+    id: int
+    msg: dns.message.Message  # the question (shared between lookups: its own id is not this query's)
     wire: bytes
     out: QueryOutcome
     via_tcp: bool = False  # handed over to TCP after a truncated reply
+
+
+@functools.lru_cache(maxsize=256)
+def _template(name: str, qtype: str) -> tuple[dns.message.Message, bytes]:
+    msg = dns.message.make_query(name, qtype, use_edns=False, id=0)
+    return msg, msg.to_wire()
+
+
+def make_query(name: str, qtype: str, qid: int) -> tuple[dns.message.Message, bytes]:
+    """The question (a message never to be changed) and the wire of a query for it with id `qid`: what
+    dns.message.make_query(name, qtype, use_edns=False, id=qid).to_wire() gives, built once per name and
+    type (the probes ask the same few questions every round)."""
+    msg, wire = _template(name, qtype)
+    return msg, struct.pack("!H", qid) + wire[2:]
 
 
 def _make_queries(name: str, qtypes: tuple[str, ...]) -> list[_Query]:
     ids = random.sample(range(0x10000), len(qtypes))  # independent random ids, like res_nmkquery
     out = []
     for qid, qt in zip(ids, qtypes, strict=True):
-        msg = dns.message.make_query(name, qt, use_edns=False, id=qid)
-        out.append(_Query(qt, msg, msg.to_wire(), QueryOutcome(qt)))
+        msg, wire = make_query(name, qt, qid)
+        out.append(_Query(qt, qid, msg, wire, QueryOutcome(qt)))
     return out
 
 
@@ -187,7 +203,7 @@ class _Exchange:
         if msg is None or not msg.flags & dns.flags.QR:
             self.mismatch()
             return None
-        by_id = [q for q in self.queries if q.msg.id == msg.id]
+        by_id = [q for q in self.queries if q.id == msg.id]
         for q in by_id:
             if _same_question(q.msg, msg):
                 if q.out.done or (self.udp and q.via_tcp):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import threading
 import time
@@ -212,9 +213,10 @@ class ProbeService:
         async with sem:
             r = await lookup(t.host, t.port, name, mode, timeout or default_timeout, attempts or default_attempts,
                              self.discovery.own_ports)
-        log.debug("probe", extra={"kv": {
-            "server": t.server, "kind": t.kind, "mode": mode, "name": name, "seconds": f"{r.duration:.6f}",
-            "outcome": ",".join(f"{q}={o.reason or 'ok'}" for q, o in r.outcomes.items())}})
+        if log.isEnabledFor(logging.DEBUG):  # the fields are not built for nothing
+            log.debug("probe", extra={"kv": {
+                "server": t.server, "kind": t.kind, "mode": mode, "name": name, "seconds": f"{r.duration:.6f}",
+                "outcome": ",".join(f"{q}={o.reason or 'ok'}" for q, o in r.outcomes.items())}})
         return r
 
     async def _probe_target(self, t: Target, sem: asyncio.Semaphore) -> None:
@@ -249,8 +251,9 @@ class ProbeService:
         for name in self.config.names:
             async with sem:
                 r = await models.run(resolver, [(t.host, t.port)], name, options, state)
-            log.debug("lookup", extra={"kv": {"server": t.server, "kind": t.kind, "resolver": resolver,
-                                              "name": name, "result": r.result, "seconds": f"{r.duration:.6f}"}})
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("lookup", extra={"kv": {"server": t.server, "kind": t.kind, "resolver": resolver,
+                                                  "name": name, "result": r.result, "seconds": f"{r.duration:.6f}"}})
             self.store.record_lookup(key, r)
 
     async def _probe_mode(self, t: Target, key: tuple[str, str], mode: str, sem: asyncio.Semaphore) -> None:

@@ -40,23 +40,22 @@ import dns.rcode
 import dns.rdatatype
 
 from exporter.dns.models import GlibcState, Lookup, ResolverOptions, Servers
-from exporter.dns.resolver import parse_reply, register_own, tcp_connect
+from exporter.dns.resolver import make_query, parse_reply, register_own, tcp_connect
 
 _OK, _FAIL, _TC = "ok", "fail", "tc"
 _NEXT_NS_RCODES = (dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED)
 
 
 class _Query:
-    __slots__ = ("msg", "qtype", "wire")
+    __slots__ = ("id", "msg", "qtype", "wire")
 
     def __init__(self, qname: str, qtype: str, qid: int) -> None:
-        self.qtype = qtype
-        self.msg = dns.message.make_query(qname, qtype, use_edns=False, id=qid)
-        self.wire = self.msg.to_wire()
+        self.qtype, self.id = qtype, qid
+        self.msg, self.wire = make_query(qname, qtype, qid)
 
 
 def _matches(q: _Query, r: dns.message.Message) -> bool:
-    if r.id != q.msg.id or len(r.question) != 1:
+    if r.id != q.id or len(r.question) != 1:
         return False
     a, b = q.msg.question[0], r.question[0]
     return bool(a.name == b.name and a.rdtype == b.rdtype and a.rdclass == b.rdclass)

@@ -30,7 +30,7 @@ import dns.rcode
 import dns.rdatatype
 
 from exporter.dns.models import GlibcState, Lookup, ResolverOptions, Servers
-from exporter.dns.resolver import register_own
+from exporter.dns.resolver import make_query, register_own
 
 
 def _family_of(servers: Servers) -> int:
@@ -50,8 +50,7 @@ async def lookup(servers: Servers, qname: str, opts: ResolverOptions, state: Gli
     dests = [_dest(h, p, family) for h, p in servers]
     qid = random.randrange(0x10000)
     ids = [qid, (qid & 0xFF00) | ((qid + 1) & 0xFF)]  # lookup_name.c makes the second id differ
-    queries = [dns.message.make_query(qname, t, use_edns=False, id=i) for t, i in zip(("A", "AAAA"), ids, strict=True)]
-    wires = [q.to_wire() for q in queries]
+    wires = [make_query(qname, t, i)[1] for t, i in zip(("A", "AAAA"), ids, strict=True)]
     answers: list[bytes | None] = [None, None]
     timeout_ms = int(opts.timeout * 1000)
     retry_ms = timeout_ms // max(opts.attempts, 1)
