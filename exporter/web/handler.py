@@ -27,7 +27,7 @@ import gzip
 import html
 import io
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder
@@ -152,8 +152,7 @@ class Connection:
     def __init__(self, server: ExporterHTTPServer, conn: Conn) -> None:
         self.server = server
         self.conn = conn
-        self.reader = slots.DeadlineReader(conn, server.read_timeout, server.idle_timeout)
-        self.rfile = io.BufferedReader(self.reader)
+        self.rfile = io.BufferedReader(slots.DeadlineReader(conn, server.read_timeout, server.idle_timeout))
         self.status_line = "HTTP/1.1" if server.keepalive else "HTTP/1.0"
 
     def serve(self) -> None:
@@ -278,7 +277,3 @@ class Connection:
         data = "\r\n".join(lines).encode("latin-1")
         self.conn.sock.sendall(data if head else data + body)
 
-
-def serve(server: ExporterHTTPServer, conn: Conn, client_address: Any) -> None:
-    """Serve `conn` (the server's per-connection thread)."""
-    Connection(server, conn).serve()

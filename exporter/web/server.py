@@ -259,7 +259,7 @@ class ExporterHTTPServer(socketserver.ThreadingTCPServer):
             tls = self.web_config is not None and self.web_config.tls is not None
             if tls and not self._handshake(conn):
                 return
-            handler.serve(self, conn, client_address)
+            handler.Connection(self, conn).serve()
         except Exception as e:  # one line, never a traceback on stderr or in a response
             log.debug("connection from %s failed: %s: %s", client_address, type(e).__name__, e)
         finally:
