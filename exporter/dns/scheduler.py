@@ -132,13 +132,7 @@ class ProbeService:
                 self.round(running, r)
                 last = r
                 self.rounds += 1
-                # The next round on this node's grid; one that would begin less than half an interval after
-                # this one (the first round starts off the grid, or the loop woke late) is left out, so a
-                # round's probes have time to finish and are not counted `busy` by the next one.
-                nxt = self.sampler.round_start(r + 1, interval)
-                if nxt - time.time() < interval / 2:
-                    nxt = self.sampler.round_start(r + 2, interval)
-                delay = min(max(nxt - time.time(), 0.0), interval)
+                delay = min(max(self.sampler.round_start(r + 1, interval) - time.time(), 0.0), interval)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
         finally:

@@ -358,28 +358,3 @@ def test_resolver_models_count_application_outcomes(tmp_path: Path) -> None:
     assert lp.get("dns_probe_lookup_duration_seconds_bucket", **labels, resolver="glibc", le="0.5") >= 1
     # the parallel mode re-sent the lost AAAA alone: lone queries lost, the race fingerprint's reference
     assert (lp.get("dns_probe_lone_queries_total", **labels, result="lost") or 0) >= 1
-
-
-def test_the_second_round_never_follows_the_first_by_less_than_half_an_interval(tmp_path: Path) -> None:
-    """The first round starts when the service does, off this node's round grid; the next grid round may be
-    a few milliseconds later, and a healthy target still answering the first was counted `busy`. The
-    service is started 60 ms before a grid boundary of a 0.6 s interval: the next round must wait for the
-    boundary after that one."""
-    with DnsServer() as ok:
-        lp = Loop(tmp_path, interval=0.6, jitter=0.0)
-        lp.targets.set("static", [Target(ok.host, ok.port, "static")])
-        sampler = lp.service.sampler
-        while True:
-            now = time.time()
-            ahead = sampler.round_start(sampler.round_at(now, 0.6) + 1, 0.6) - now
-            if 0.06 <= ahead < 0.08:
-                break
-            time.sleep(0.005)
-        lp.service.start()
-        try:
-            wait_for(lambda: lp.service.rounds >= 1)
-            time.sleep(0.2)  # past the near boundary
-            assert lp.service.rounds == 1
-            wait_for(lambda: lp.service.rounds >= 2, timeout=3.0)
-        finally:
-            lp.service.stop(2.0)
