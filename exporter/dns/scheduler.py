@@ -15,7 +15,8 @@ Scrapes never wait for it: results go into a `ProbeStore` that the `dns` collect
   node's probes do not go out in a burst). Targets are independent (issue 13): each has its own
   `--probe.concurrency` lookups in flight at most, so a target that times out only delays itself. A
   target whose previous probe is still running (timeouts take `timeout x attempts`) is skipped this
-  round and the skip counted (`dns_probe_skipped_total{reason="busy"}`).
+  round and the skip counted (`dns_probe_skipped_total{reason="busy"}`), unless that probe began less
+  than half an interval ago (the first round is off the grid: the next can follow within milliseconds).
 - a `nodelocal` target is first asked one short question; it is probed only while it answers.
 - the search-path probe replays glibc's search-list walk for each `--probe.search-name`.
 """
@@ -92,6 +93,7 @@ class ProbeService:
         self.sampler = EndpointSampler(config.node, config.endpoints_per_round)
         self._glibc: dict[tuple[str, str, str], models.GlibcState] = {}  # glibc-sticky: one "process" per probe
         self._rotate = False  # resolv.conf targets: the file's options rotate
+        self._started: dict[object, float] = {}  # when each running target probe began (monotonic)
         self.rounds = 0
 
     # Service -------------------------------------------------------------------------------------
@@ -155,6 +157,8 @@ class ProbeService:
         self._glibc = {k: v for k, v in self._glibc.items() if (k[0], k[1]) in live}
         for key in [k for k, task in running.items() if task.done()]:
             del running[key]
+        now = time.monotonic()
+        self._started = {k: v for k, v in self._started.items() if k in running}
         self._sems = {k: v for k, v in self._sems.items() if k in running or k in snapshot}
         chosen = set(self.sampler.choose([t for t in snapshot if t.kind == "endpoint"], round_))
         app_kinds = application_path(snapshot)
@@ -166,9 +170,13 @@ class ProbeService:
             if t.kind == "endpoint" and t not in chosen:
                 continue
             if t in running:
-                self.store.skip(key, "busy")
+                # A round that comes soon after the target's probe began (the first round is off the node's
+                # round grid, so the next grid round can follow it by milliseconds) is not a missed round.
+                if now - self._started.get(t, now) >= self.config.interval / 2:
+                    self.store.skip(key, "busy")
             else:
                 running[t] = asyncio.create_task(self._probe_target(t, self._sem(t)), name=f"probe {t.server}")
+                self._started[t] = now
             # own tasks: a glibc lookup may wait 20 s, it must not hold the mode probes back. Only on the path
             # the node's pods resolve through (application_path): what an application waits is its question.
             for res in resolvers:

@@ -358,3 +358,33 @@ def test_resolver_models_count_application_outcomes(tmp_path: Path) -> None:
     assert lp.get("dns_probe_lookup_duration_seconds_bucket", **labels, resolver="glibc", le="0.5") >= 1
     # the parallel mode re-sent the lost AAAA alone: lone queries lost, the race fingerprint's reference
     assert (lp.get("dns_probe_lone_queries_total", **labels, result="lost") or 0) >= 1
+
+
+def test_a_round_right_after_a_probe_began_is_not_counted_busy(tmp_path: Path) -> None:
+    """The first round starts when the service does, off this node's round grid, so the next grid round
+    can follow it by milliseconds while the target's probe is still out: that is not a missed round, and
+    a healthy target must not show `reason="busy"` skips. A round half an interval later that still finds
+    the probe running is one. Rounds are driven by hand against a server that answers after 1 s."""
+    with DnsServer(Behaviour(delay=1.0)) as slow:
+        lp = Loop(tmp_path, timeout=3.0, attempts=1, interval=0.4, jitter=0.0, modes=("parallel",))
+        target = Target(slow.host, slow.port, "static")
+        lp.targets.set("static", [target])
+        busy = {"server": target.server, "kind": "static", "reason": "busy"}
+
+        async def drive() -> tuple[float | None, float | None]:
+            running: dict[object, asyncio.Task[None]] = {}
+            lp.service.round(running, 0)
+            await asyncio.sleep(0.01)
+            lp.service.round(running, 1)  # 10 ms later: the probe of round 0 is out
+            soon = lp.get("dns_probe_skipped_total", **busy)
+            await asyncio.sleep(0.3)
+            lp.service.round(running, 2)  # 0.31 s later (> interval / 2): still out, a skipped round
+            later = lp.get("dns_probe_skipped_total", **busy)
+            for task in running.values():
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
+            return soon, later
+
+        soon, later = asyncio.run(drive())
+    assert soon is None
+    assert later == 1
