@@ -264,12 +264,14 @@ def run(argv: list[str]) -> list[str]:
             floor.begin()
             share, how, s = _cpu_window(exp, first, window)
             floor_cpu, floor_events, elapsed = floor.end()
-            events = (_events(exp) - e0) / elapsed
+            e1 = _events(exp)
+            events, lost, resyncs = (e1[0] - e0[0]) / elapsed, e1[1] - e0[1], e1[2] - e0[2]
         finally:
             floor.close()
             churn.terminate()
             churn.wait()
-        out.append(f"CPU at defaults with {FLOW_RATE:,} DNS flows/s ({events:,.0f} events/s accounted): "
+        out.append(f"CPU at defaults with {FLOW_RATE:,} DNS flows/s ({events:,.0f} events/s accounted, "
+                   f"{lost:.0f} overflows, {resyncs:.0f} resyncs): "
                    f"{share * 100:.2f}% of one core ({how})  [goal <= 0.5%] {'OK' if share <= 0.005 else 'MISSED'}")
         out.append(f"  reference: a bare receive loop (Python, no parsing) on its own filtered event socket: "
                    f"{floor_cpu / elapsed * 100:.2f}% of one core for {floor_events / elapsed:,.0f} events/s")
@@ -294,9 +296,11 @@ def run(argv: list[str]) -> list[str]:
     return out
 
 
-def _events(exp: Exporter) -> float:
+def _events(exp: Exporter) -> tuple[float, float, float]:
+    """DNS events accounted (NEW and DESTROY), receive-buffer overflows, resyncs (table dumps) so far."""
     s = parse(exp.get("/metrics", timeout=10)[2].decode())
-    return sum(value(s, "conntrack_dns_events_total", type=t) or 0.0 for t in ("new", "destroy"))
+    return (sum(value(s, "conntrack_dns_events_total", type=t) or 0.0 for t in ("new", "destroy")),
+            value(s, "conntrack_dns_events_lost_total") or 0.0, value(s, "conntrack_dns_resyncs_total") or 0.0)
 
 
 def _cpu_window(exp: Exporter, first: float, window: float) -> tuple[float, str, dict[Any, float]]:

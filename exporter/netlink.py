@@ -65,8 +65,8 @@ class ParseError(CollectorError):
 
 
 def build_request(msg_type: int, flags: int, seq: int, subsys: int = NFNL_SUBSYS_CTNETLINK,
-                  family: int = socket.AF_UNSPEC) -> bytes:
-    payload = NFGENMSG.pack(family, 0, 0)
+                  family: int = socket.AF_UNSPEC, attrs: bytes = b"") -> bytes:
+    payload = NFGENMSG.pack(family, 0, 0) + attrs
     return NLMSGHDR.pack(NLMSGHDR.size + len(payload), (subsys << 8) | msg_type, flags, seq, 0) + payload
 
 

@@ -130,3 +130,75 @@ def test_events_disabled_is_reported_and_the_sysctl_left_alone(tracked: Netns) -
         assert events(exp, "new") == 0  # so the metric is the only hint
         assert exp.stderr().count("nf_conntrack_events is 0") == 1, exp.stderr()
     assert tracked.exec(["sysctl", "-n", "net.netfilter.nf_conntrack_events"]).stdout.strip() == "0"
+
+
+def test_the_resync_dump_is_filtered_in_the_kernel_and_finds_every_own_probe_flow(tracked: Netns) -> None:
+    """The resync after lost events (`dump_dns_flows`) asks the kernel for the port-53 entries only (CTA_FILTER,
+    one dump per family and protocol): on a table of 20,000 other entries the kernel sends a message per DNS
+    entry, not per entry, so a resync on a full table stays cheap. And it still finds the same own probe
+    flows as an unfiltered dump read here: UDP over IPv4 and IPv6 and TCP from registered ports, not a
+    pod's query, not the own port's non-DNS flow."""
+    import socket
+
+    from exporter import netlink
+    from exporter.discovery import Discovery
+    from exporter.discovery.targets import TargetRegistry
+    from exporter.dnsflows.flows import FlowStats
+    from exporter.dnsflows.listener import IPCTNL_MSG_CT_GET, dns_dump_request, dump_dns_flows
+    from exporter.dnsflows.parse import iter_flows
+    from tests.support import ctfill
+    from tests.support.netns import in_netns, socket_in
+
+    assert ctfill.fill(tracked.name, 20_000) == 20_000
+    discovery = Discovery(TargetRegistry())
+    stats = FlowStats(discovery)
+    keep: list[socket.socket] = []
+
+    def own(family: int, kind: int) -> socket.socket:
+        s = socket_in(tracked.name, family, kind)
+        s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        discovery.own_ports.register(socket.IPPROTO_TCP if kind == socket.SOCK_STREAM else socket.IPPROTO_UDP,
+                                     s.getsockname()[1])
+        keep.append(s)
+        return s
+
+    listener = socket_in(tracked.name, socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 53))
+    listener.listen(4)
+    keep.append(listener)
+    try:
+        own(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"q", ("127.53.0.1", 53))
+        own(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b"q", ("::1", 53))
+        own(socket.AF_INET, socket.SOCK_STREAM).connect(("127.0.0.1", 53))  # established: the entry stays
+        own(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"q", ("127.53.0.2", 5353))  # own port, no DNS
+        pod = socket_in(tracked.name, socket.AF_INET, socket.SOCK_DGRAM)  # no registered port: a client's
+        pod.sendto(b"q", ("127.53.0.3", 53))
+        keep.append(pod)
+
+        def messages(request: bytes) -> tuple[int, list[int]]:
+            sock = in_netns(tracked.name, netlink.open_socket, 2.0)
+            try:
+                sock.send(request)
+                buf, n_msgs, ids = bytearray(1 << 16), 0, []
+                while True:
+                    n = sock.recv_into(buf)
+                    for mtype, flow in iter_flows(buf, n):
+                        if mtype in (netlink.NLMSG_DONE, netlink.NLMSG_ERROR):
+                            return n_msgs, ids
+                        n_msgs += 1
+                        if flow is not None and stats.own(flow):
+                            ids.append(flow[7])
+            finally:
+                sock.close()
+
+        assert messages(dns_dump_request(socket.AF_INET, socket.IPPROTO_UDP, 1))[0] == 2  # own + the client's
+        assert messages(dns_dump_request(socket.AF_INET, socket.IPPROTO_TCP, 1))[0] == 1
+        assert messages(dns_dump_request(socket.AF_INET6, socket.IPPROTO_UDP, 1))[0] == 1
+        everything, expected = messages(netlink.build_request(IPCTNL_MSG_CT_GET,
+                                                              netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP, 1))
+        assert everything > 20_000 and len(expected) == 3
+        found = in_netns(tracked.name, dump_dns_flows, stats, time.monotonic() + 10)
+        assert sorted(found) == sorted(expected)
+    finally:
+        for s in keep:
+            s.close()
