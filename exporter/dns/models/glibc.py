@@ -28,10 +28,8 @@ it, not copied. The points that decide how long an application waits:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
-import struct
 import time
 
 import dns.flags
@@ -40,7 +38,7 @@ import dns.rcode
 import dns.rdatatype
 
 from exporter.dns.models import GlibcState, Lookup, ResolverOptions, Servers
-from exporter.dns.resolver import make_query, parse_reply, register_own, tcp_connect
+from exporter.dns.resolver import TcpConn, make_query, parse_reply, register_own
 
 _OK, _FAIL, _TC = "ok", "fail", "tc"
 _NEXT_NS_RCODES = (dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED)
@@ -199,16 +197,14 @@ class _Glibc:
     async def send_vc(self, ns: int, limit: float) -> str:
         host, port = self.servers[ns]
         self.got.clear()
-        writer: asyncio.StreamWriter | None = None
+        conn: TcpConn | None = None
         try:
             async with asyncio.timeout(limit):
-                reader, writer = await tcp_connect(host, port, self.opts.own)
-                writer.write(b"".join(struct.pack("!H", len(q.wire)) + q.wire for q in self.queries))
+                conn = await TcpConn.open(host, port, self.opts.own)
+                await conn.send([q.wire for q in self.queries])
                 self.result.sent += 2
-                await writer.drain()
                 while len(self.got) < 2:
-                    (n,) = struct.unpack("!H", await reader.readexactly(2))
-                    msg = parse_reply(await reader.readexactly(n), require_qr=True)
+                    msg = parse_reply(await conn.read_message(), require_qr=True)
                     hit = None if msg is None else next(
                         (q for q in self.queries if q.qtype not in self.got and _matches(q, msg)), None)
                     if hit is not None and msg is not None:
@@ -222,10 +218,8 @@ class _Glibc:
                 self.result.error = _errname(e)
             return _OK if self.got else _FAIL  # a closed connection after one answer: that family only
         finally:
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+            if conn is not None:
+                conn.close()
         return _OK
 
     # __res_context_send -------------------------------------------------------------------------
