@@ -32,6 +32,7 @@ from typing import Protocol
 from exporter import netlink
 from exporter.core import logs
 from exporter.core.errors import CollectorError
+from exporter.dnsflows import native
 from exporter.dnsflows.bpf import dns_port_filter
 from exporter.dnsflows.flows import FlowStats
 from exporter.dnsflows.parse import Event, iter_flows, parse_events
@@ -115,7 +116,8 @@ class FlowListener:
     def __init__(self, stats: FlowStats, *, receive_buffer: int = 4 << 20, use_filter: bool = True,
                  open_socket: Callable[[], EventSocket] | None = None,
                  events_sysctl: Callable[[], int | None] = read_events_sysctl,
-                 resync: Callable[[FlowStats, float], list[int]] = dump_dns_flows) -> None:
+                 resync: Callable[[FlowStats, float], list[int]] = dump_dns_flows,
+                 native_drain: bool = True) -> None:
         self.stats = stats
         self.use_filter = use_filter
         self._open = open_socket or (lambda: open_events(receive_buffer, use_filter))
@@ -132,8 +134,11 @@ class FlowListener:
         # room for the bursts of DESTROY events the kernel's garbage collection sends
         self._batch = max(16, min(BATCH_BIG, receive_buffer // BATCH_BYTES))
         self._log = logs.get("dnsflows")
+        self._native = native.new_drain(DRAIN_MAX) if native_drain else None
+        self.drain = "native" if self._native is not None else "python"
 
     def start(self) -> None:
+        self._log.debug("DNS flow listener: %s drain", self.drain)
         self._stop.clear()
         self.check_sysctl()
         self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -199,6 +204,7 @@ class FlowListener:
         receive buffer holds them meanwhile. A full batch means a heavy stream, which is read on at once
         so that the buffer does not overflow."""
         buf = bytearray(RECV_BUFFER)
+        native_drain = self._native if isinstance(sock, socket.socket) else None  # C reads a real fd only
         stats = self.stats
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
@@ -214,7 +220,7 @@ class FlowListener:
                     return
             stats.refresh()  # the pod map and targets, at most once per REFRESH seconds, before accounting
             began = time.monotonic()
-            read = self._drain(sock, buf)
+            read = self._drain_native(sock, native_drain) if native_drain else self._drain(sock, buf)
             if read < 0:
                 self.up = False
                 return
@@ -260,6 +266,25 @@ class FlowListener:
                     self._log.debug("unreadable conntrack event: %s", e)
         finally:
             stats.account(batch, other)
+        return read
+
+    def _drain_native(self, sock: EventSocket, drain: native.NativeDrain) -> int:
+        """`_drain` in C (exporter.dnsflows.native): the same reading, parsing and accounting; a batch
+        is accounted at each stop of the C loop (an overflow, full record buffers, the end)."""
+        stats = self.stats
+        fd = sock.fileno()
+        read = 0
+        while read < DRAIN_MAX:
+            got = drain.read(fd, DRAIN_MAX - read)
+            read += got.read
+            stats.account(got.events, got.other)
+            if got.status == native.ENOBUFS:
+                self._overflowed()
+            elif got.status == native.ERROR:
+                self._log.warning("DNS flow listener: receive failed: %s; reopening", os.strerror(got.errno))
+                return -1
+            elif got.status != native.FULL or not got.read:
+                break
         return read
 
     def _overflowed(self) -> None:
