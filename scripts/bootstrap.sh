@@ -41,10 +41,11 @@ fi
 
 # The native pieces, each a C file -> a shared library next to it (git-ignored): the conntrack dump parser
 # (exporter/table/ctdump.c -> _ctdump.so) and the DNS flow listener's drain (exporter/dnsflows/ctevents.c ->
-# _ctevents.so); the exporter falls back to Python without them. Rebuilt when the source is newer.
+# _ctevents.so; both include exporter/netlink.h); the exporter falls back to Python without them. Rebuilt when
+# a source is newer.
 for src in exporter/table/ctdump.c exporter/dnsflows/ctevents.c; do
   so="$(dirname "$src")/_$(basename "$src" .c).so"
-  if [ ! -f "$so" ] || [ "$src" -nt "$so" ]; then
+  if [ ! -f "$so" ] || [ "$src" -nt "$so" ] || [ exporter/netlink.h -nt "$so" ]; then
     echo "bootstrap: building $so"
     gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o "$so" "$src"
   fi

@@ -30,6 +30,8 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include "../netlink.h"
+
 #define ABI_VERSION 1
 
 /* return values of cte_drain; exporter/dnsflows/native.py has the same */
@@ -66,39 +68,13 @@ struct cte_ctx {
 /* fault kinds: the ParseError messages of parse.py (native.py formats them) */
 enum { F_MESSAGE = 1, F_ATTR, F_TUPLE, F_ADDR, F_PROTO };
 
-#define NLA_TYPE_MASK 0x3FFF
-#define NLA_F_NESTED 0x8000
 #define CT_NEW 0x100
 #define CT_DELETE 0x102
-#define CTA_TUPLE_ORIG 1
-#define CTA_TUPLE_REPLY 2
-#define CTA_STATUS 3
 #define CTA_ID 12
-#define CTA_TUPLE_IP 1
-#define CTA_TUPLE_PROTO 2
-#define CTA_IP_V4_SRC 1
-#define CTA_IP_V4_DST 2
-#define CTA_IP_V6_SRC 3
-#define CTA_IP_V6_DST 4
-#define CTA_PROTO_NUM 1
 #define CTA_PROTO_SRC_PORT 2
-#define CTA_PROTO_DST_PORT 3
-#define PROTO_TCP 6
-#define PROTO_UDP 17
 #define DNS_PORT 53
 #define AF_INET_ 2
 #define FAST4_SIZE 140
-
-static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
-static inline uint32_t be32(const uint8_t *p) {
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-}
-static inline int hdr_is(const uint8_t *p, uint16_t len, uint16_t type) {
-    return rd16(p) == len && rd16(p + 2) == type;
-}
-static inline int64_t align4(int64_t x) { return (x + 3) & ~(int64_t)3; }
 
 /* An address as parse.py holds it: bytes(buf[at:at + len]); len 0 is b"". */
 struct addr {
@@ -216,10 +192,16 @@ static int open_run(struct out *o, int family) {
     return 0;
 }
 
-static uint8_t *put_common(uint8_t *r, const struct event *ev) {
+/* One record: is NEW, proto, src, dst, sport, reply src, status, id (REC4 or REC6 of native.py). */
+static void record(uint8_t *r, const struct event *ev, size_t len) {
     r[0] = (uint8_t)ev->is_new;
     r[1] = (uint8_t)ev->proto;
-    return r + 2;
+    memcpy(r + 2, ev->src.at, len);
+    memcpy(r + 2 + len, ev->dst.at, len);
+    memcpy(r + 2 + 2 * len, &ev->sport, 2);
+    memcpy(r + 4 + 2 * len, ev->rsrc.at, len);
+    memcpy(r + 4 + 3 * len, &ev->status, 4);
+    memcpy(r + 8 + 3 * len, &ev->ct_id, 4);
 }
 
 /* 0 written, -1 not representable or no room: the datagram is handed back. */
@@ -229,22 +211,10 @@ static int put(struct out *o, const struct event *ev) {
     if ((len != 4 && len != 16) || ev->dst.len != len || ev->rsrc.len != len) return -1;
     if (len == 4) {
         if (o->n4 >= ctx->cap4 || open_run(o, 4) < 0) return -1;
-        uint8_t *r = put_common(ctx->rec4 + o->n4++ * REC4_SIZE, ev);
-        memcpy(r, ev->src.at, 4);
-        memcpy(r + 4, ev->dst.at, 4);
-        memcpy(r + 8, &ev->sport, 2);
-        memcpy(r + 10, ev->rsrc.at, 4);
-        memcpy(r + 14, &ev->status, 4);
-        memcpy(r + 18, &ev->ct_id, 4);
+        record(ctx->rec4 + o->n4++ * REC4_SIZE, ev, 4);
     } else {
         if (o->n6 >= ctx->cap6 || open_run(o, 6) < 0) return -1;
-        uint8_t *r = put_common(ctx->rec6 + o->n6++ * REC6_SIZE, ev);
-        memcpy(r, ev->src.at, 16);
-        memcpy(r + 16, ev->dst.at, 16);
-        memcpy(r + 32, &ev->sport, 2);
-        memcpy(r + 34, ev->rsrc.at, 16);
-        memcpy(r + 50, &ev->status, 4);
-        memcpy(r + 54, &ev->ct_id, 4);
+        record(ctx->rec6 + o->n6++ * REC6_SIZE, ev, 16);
     }
     ctx->runs[o->nruns - 1]++;
     return 0;

@@ -134,8 +134,7 @@ class FlowListener:
         # room for the bursts of DESTROY events the kernel's garbage collection sends
         self._batch = max(16, min(BATCH_BIG, receive_buffer // BATCH_BYTES))
         self._log = logs.get("dnsflows")
-        self._native = native.new_drain(DRAIN_MAX) if native_drain else None
-        self.drain = "native" if self._native is not None else "python"
+        self.drain = "native" if native_drain and native.available() else "python"
 
     def start(self) -> None:
         self._log.debug("DNS flow listener: %s drain", self.drain)
@@ -204,7 +203,9 @@ class FlowListener:
         receive buffer holds them meanwhile. A full batch means a heavy stream, which is read on at once
         so that the buffer does not overflow."""
         buf = bytearray(RECV_BUFFER)
-        native_drain = self._native if isinstance(sock, socket.socket) else None  # C reads a real fd only
+        # the C drain reads a real socket's fd (a test's stand-in goes through the Python drain)
+        native_drain = native.new_drain(DRAIN_MAX) if self.drain == "native" and isinstance(sock, socket.socket) \
+            else None
         stats = self.stats
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)

@@ -9,7 +9,7 @@ so Python does no per-event work besides the accounting. No Python C API: no hea
 interpreter's ABI.
 
 `new_drain` returns a `NativeDrain` when the library loaded, else None (the listener then reads in
-Python; `drain_name()` says which; the fallback is logged once). The Python parser stays the
+Python; `drain_name()` says which; `available()` logs the fallback once). The Python parser stays the
 reference: tests/unit/dnsflows/test_native.py holds the two equal on recorded and generated datagrams
 read from a real socket. A datagram the records cannot hold (an event whose addresses are not all 4 or
 all 16 bytes long: garbled data; or more events than there is room left for) comes back unparsed and is
@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from exporter.core import cdll
 from exporter.core.errors import CollectorError
 from exporter.dnsflows.parse import Event, parse_events
 
@@ -60,19 +61,9 @@ class _Ctx(ctypes.Structure):
 
 def load(path: Path = LIBRARY) -> tuple[ctypes.CDLL | None, str]:
     """The library and "", or None and why it is not usable."""
-    try:
-        lib = ctypes.CDLL(str(path))
-        abi = lib.cte_abi
-        abi.restype = ctypes.c_int64
-        abi.argtypes = []
-        want = ABI_VERSION * 1000000 + ctypes.sizeof(_Ctx) * 1000 + REC4.size * 10 + REC6.size % 10
-        if abi() != want:
-            return None, f"{path.name} was built from another version of ctevents.c (rebuild it: make deps)"
-        lib.cte_drain.restype = ctypes.c_int
-        lib.cte_drain.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_int, ctypes.c_int64]
-    except (OSError, AttributeError) as e:
-        return None, f"{path.name} did not load ({e})"
-    return lib, ""
+    want = ABI_VERSION * 1000000 + ctypes.sizeof(_Ctx) * 1000 + REC4.size * 10 + REC6.size % 10
+    return cdll.load(path, "ctevents.c", "cte_abi", want,
+                     {"cte_drain": (ctypes.c_int, [ctypes.POINTER(_Ctx), ctypes.c_int, ctypes.c_int64])})
 
 
 _LIB, _WHY = load()
@@ -84,16 +75,19 @@ def drain_name() -> str:
     return "native" if _LIB is not None else "python"
 
 
-def new_drain(records: int = 1024) -> NativeDrain | None:
-    """A native drain when the library loaded, else None; the first fallback is logged once."""
+def available() -> bool:
+    """Whether the library loaded; the first time it did not is logged."""
     global _logged
-    if _LIB is not None:
-        return NativeDrain(_LIB, records)
-    if not _logged:
+    if _LIB is None and not _logged:
         _logged = True
         log.warning("DNS flow listener: reading conntrack events in Python (about twice the CPU per event): %s",
                     _WHY)
-    return None
+    return _LIB is not None
+
+
+def new_drain(records: int = 1024) -> NativeDrain | None:
+    """A native drain (its own buffers: one per socket and thread) when the library loaded, else None."""
+    return NativeDrain(_LIB, records) if _LIB is not None and available() else None
 
 
 class Drained(NamedTuple):

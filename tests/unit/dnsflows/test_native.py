@@ -18,15 +18,19 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
+from exporter.app import build_registry
 from exporter.core.errors import CollectorError
 from exporter.dnsflows import native, parse
+from exporter.dnsflows.collector import DnsFlowsCollector
 from exporter.dnsflows.flows import FlowStats
 from exporter.dnsflows.listener import RECV_BUFFER, FlowListener
 from exporter.dnsflows.native import NativeDrain
@@ -298,7 +302,8 @@ def drain_both(feed: list[bytes], rcvbuf: int) -> list[tuple[list[Event], int, i
             for d in feed:
                 send_multicast(tx, d)
             read = 0
-            while (n := (listener._drain_native(rx, listener._native) if listener._native  # type: ignore[arg-type]
+            drain = native.new_drain() if use_native else None
+            while (n := (listener._drain_native(rx, drain) if drain
                          else listener._drain(rx, bytearray(RECV_BUFFER)))) > 0:
                 read += n
         events = [e for batch, _ in stats.batches for e in batch]
@@ -322,7 +327,7 @@ def test_the_listener_reports_a_failed_socket_and_which_drain_runs(caplog: pytes
     r, w = os.pipe()
     try:
         with caplog.at_level(logging.WARNING, logger="exporter.dnsflows"):
-            assert listener._drain_native(FakeFd(r), listener._native) == -1  # type: ignore[arg-type]
+            assert listener._drain_native(FakeFd(r), native_drain()) == -1  # type: ignore[arg-type]
     finally:
         os.close(r)
         os.close(w)
@@ -350,3 +355,30 @@ def test_a_missing_library_falls_back_to_python_once(monkeypatch: pytest.MonkeyP
         assert FlowListener(Recorder()).drain == "python"
     assert caplog.text.count("reading conntrack events in Python") == 1
     assert native.drain_name() == "python"
+
+
+def exposition(use_native: bool) -> list[str]:
+    """The collector's exposition after the listener thread read the recorded events from a socketpair."""
+    rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stats = FlowStats(discovery(), top_n=10, window=60)
+    listener = FlowListener(stats, open_socket=lambda: rx, events_sysctl=lambda: 2, native_drain=use_native)
+    try:
+        listener.start()
+        for d in recorded():
+            tx.send(d)  # blocks while 10 are queued: the listener reads meanwhile
+        deadline = time.monotonic() + 5
+        while sum(stats.snapshot().events.values()) < 14 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        listener.stop(2)
+    finally:
+        tx.close()
+        rx.close()
+    text = generate_latest(build_registry([DnsFlowsCollector(listener)])).decode()
+    return [line for line in text.splitlines() if line.startswith("conntrack_dns") and "duration" not in line]
+
+
+def test_the_listener_thread_exposes_the_same_with_either_drain() -> None:
+    nat, py = exposition(True), exposition(False)
+    assert nat == py
+    assert 'conntrack_dns_events_total{type="other"} 6.0' in nat
+    assert 'conntrack_dns_flows_total{backend="127.0.0.1",server_kind="service"} 2.0' in nat
