@@ -202,10 +202,10 @@ class FlowListener:
         drain, at most BATCH_PAUSE (BATCH_FIRST after a quiet time, when the rate is not known yet); the
         receive buffer holds them meanwhile. A full batch means a heavy stream, which is read on at once
         so that the buffer does not overflow."""
-        buf = bytearray(RECV_BUFFER)
         # the C drain reads a real socket's fd (a test's stand-in goes through the Python drain)
         native_drain = native.new_drain(DRAIN_MAX) if self.drain == "native" and isinstance(sock, socket.socket) \
             else None
+        buf = bytearray(RECV_BUFFER if native_drain is None else 0)  # the native drain has its own
         stats = self.stats
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
