@@ -35,6 +35,7 @@ from exporter.dnsflows.flows import FlowStats
 from exporter.dnsflows.listener import RECV_BUFFER, FlowListener
 from exporter.dnsflows.native import NativeDrain
 from exporter.dnsflows.parse import CT_DELETE, CT_NEW, Event, parse_events
+from exporter.netlink import ParseError
 from tests.unit.dnsflows.test_collector import discovery
 from tests.unit.dnsflows.test_parse_bpf import events as recorded
 
@@ -382,3 +383,24 @@ def test_the_listener_thread_exposes_the_same_with_either_drain() -> None:
     assert nat == py
     assert 'conntrack_dns_events_total{type="other"} 6.0' in nat
     assert 'conntrack_dns_flows_total{backend="127.0.0.1",server_kind="service"} 2.0' in nat
+
+
+def _garble(at: int, value: int) -> bytes:
+    d = conntrack(v6=True)  # the walk (the fast path has no faults of its own)
+    return d[:at] + struct.pack("=H", value) + d[at + 2 :]
+
+
+@pytest.mark.parametrize("garbled", [
+    _garble(0, 400),  # the message claims more than the datagram has
+    _garble(20, 2),  # a top-level attribute shorter than its header
+    _garble(24, 300),  # a tuple attribute past its nest
+    _garble(28, 3),  # an address attribute
+    _garble(72, 1),  # a protocol attribute (IPv6: the proto nest follows the 44-byte ip nest at 24)
+])
+def test_a_garbled_datagram_is_logged_with_the_python_parsers_message(garbled: bytes,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ParseError) as raised:
+        parse_events(garbled, len(garbled), [])
+    with caplog.at_level(logging.DEBUG, logger="exporter.dnsflows"):
+        assert native_read([garbled, conntrack()])[1:3] == (1, 2)  # one other for it, and reading went on
+    assert f"unreadable conntrack event: {raised.value} (1 garbled datagrams in this read)" in caplog.text
