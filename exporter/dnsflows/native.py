@@ -80,7 +80,7 @@ def available() -> bool:
     global _logged
     if _LIB is None and not _logged:
         _logged = True
-        log.warning("DNS flow listener: reading conntrack events in Python (about twice the CPU per event): %s",
+        log.warning("DNS flow listener: reading conntrack events in Python (about 1.7 times the CPU per event): %s",
                     _WHY)
     return _LIB is not None
 
