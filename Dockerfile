@@ -14,8 +14,9 @@ ARG PYTHON_IMAGE_DIGEST=sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff
 FROM ${PYTHON_IMAGE}@${PYTHON_IMAGE_DIGEST} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-# gcc + libc6-dev for the native conntrack dump parser only (exporter/table/ctdump.c): it is compiled here and
-# shipped inside the wheel; the final stage gets no compiler.
+# gcc + libc6-dev for the native pieces only (the dump parser exporter/table/ctdump.c, the DNS flow listener's
+# drain exporter/dnsflows/ctevents.c): they are compiled here and shipped inside the wheel; the final stage
+# gets no compiler.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -29,6 +30,7 @@ ARG BRANCH=unknown
 # Dependencies come from requirements.lock with their hashes (scripts/lock.sh): the same files every build.
 RUN python -c 'import sys; open("exporter/_build.py", "w").write(f"REVISION = {sys.argv[1]!r}\nBRANCH = {sys.argv[2]!r}\n")' "${REVISION}" "${BRANCH}" \
  && gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o exporter/table/_ctdump.so exporter/table/ctdump.c \
+ && gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o exporter/dnsflows/_ctevents.so exporter/dnsflows/ctevents.c \
  && python -m build --wheel --outdir /dist . \
  && python -m pip wheel --require-hashes --wheel-dir /wheels -r requirements.lock \
  && cp /dist/*.whl requirements.lock /wheels/

