@@ -109,7 +109,7 @@ class FlowStats:
         if label is not None:
             return label
         kind = self._kinds.get(dst, OTHER)
-        if kind == OTHER or not backend:
+        if kind == OTHER or len(backend) not in (4, 16):  # none, or garbled: no address to name
             label = (kind, OTHER)
         else:
             name = _addr(backend)

@@ -225,3 +225,17 @@ def test_an_idle_listener_stops_at_once() -> None:
         assert not listener._thread.is_alive() and time.monotonic() - started < 1.0
     finally:
         other_end.close()
+
+
+def test_a_garbled_reply_source_is_counted_as_backend_other_not_a_crash() -> None:
+    """A message whose reply-tuple source is no 4- or 16-byte address (a garbled event that still parsed:
+    the attribute walk takes an address attribute of any length) to a known server: the flow is counted with
+    `backend="other"`; naming the backend raised in inet_ntop and the exception ended the listener thread."""
+    d = Discovery()
+    d.targets.set("kubernetes", [Target("10.96.0.10", kind="service")])
+    stats = FlowStats(d)
+    svc, client = socket.inet_aton("10.96.0.10"), socket.inet_aton("10.244.1.2")
+    stats.new((17, client, svc, 40000, 53, b"\x0a\xf4\x01\x02\x09", 8, 1))
+    stats.destroy((17, client, svc, 40000, 53, b"\x0a\xf4", 0, 1))
+    snap = stats.snapshot()
+    assert snap.flows == {("service", "other"): 1} and snap.unanswered == {("service", "other"): 1}
