@@ -47,6 +47,11 @@ RESYNC_MAX_SECONDS = 10.0
 BATCH_BIG = 1024  # events in one drain above which the listener does not pause (fewer with a small buffer)
 BATCH_BYTES = 4096  # receive buffer per event of such a batch: a batch fills at most ~1/6 of the buffer
 BATCH_PAUSE = 0.5  # seconds a pause between two drains lasts at most (a light stream: 2 wake-ups/s)
+EVENT_BYTES = 1300  # receive buffer one queued event takes (of the doubled size the kernel grants)
+# Events/s the kernel's conntrack garbage collection sends in a burst (the DESTROY events of the entries
+# that expired since its last pass; measured: about 37,000/s on the 2-vCPU VM, docs/dnsflows.md). A pause
+# is short enough that such a burst, starting as the pause does, fills at most half the buffer.
+BURST_RATE = 50_000
 BATCH_FIRST = 0.05  # seconds of the first pause after a quiet time, which measures the stream's rate
 DRAIN_MAX = 1024  # datagrams read (and accounted as one batch) before the listener looks at stop again
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
@@ -170,6 +175,7 @@ class FlowListener:
         # an event takes about 1.3 KB of the buffer (which the kernel doubles): a batch of this size leaves
         # room for the bursts of DESTROY events the kernel's garbage collection sends
         self._batch = max(16, min(BATCH_BIG, receive_buffer // BATCH_BYTES))
+        self._pause = min(BATCH_PAUSE, 0.5 * 2 * receive_buffer / EVENT_BYTES / BURST_RATE)
         self._log = logs.get("dnsflows")
         self.drain = "native" if native_drain and native.available() else "python"
 
@@ -270,7 +276,8 @@ class FlowListener:
             if 0 < read < self._batch:
                 # after a quiet time the rate is unknown: a short pause measures it; then the events read
                 # came in since the previous drain ended
-                self._stop.wait(BATCH_FIRST if woke else min(BATCH_PAUSE, self._batch * (began - ended) / read))
+                self._stop.wait(min(BATCH_FIRST, self._pause) if woke
+                                else min(self._pause, self._batch * (began - ended) / read))
             ended = now
 
     def _drain(self, sock: EventSocket, buf: bytearray) -> int:

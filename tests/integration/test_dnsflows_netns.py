@@ -207,3 +207,32 @@ def test_the_resync_dump_is_filtered_in_the_kernel_and_finds_every_own_probe_flo
     finally:
         for s in keep:
             s.close()
+
+
+def test_a_garbage_collection_burst_fits_the_default_receive_buffer(tracked: Netns) -> None:
+    """The kernel's conntrack garbage collection sends the DESTROY events of all entries expired since its
+    last pass at once (here: 12,000 port-53 entries that expire within about a second of each other, next
+    to a steady 1,000 DNS flows/s that keeps the listener pausing between drains). With the default 4 MiB
+    buffer (about 6,400 events) the pause must stay shorter than the time such a burst takes to fill it:
+    with the old 0.5 s pause the burst overflowed the buffer, lost events and cost a resync."""
+    from tests.support import ctfill
+
+    with Exporter(BASE, netns=tracked) as exp:
+        wait_until("listener up", lambda: value(exp.scrape(), "conntrack_dns_listener_up") == 1, 10)
+        stream = tracked.popen([sys.executable, "-m", "tests.support.churn", "40", "0", "1000"],
+                               stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(3)
+            d0 = events(exp, "destroy")
+            # paced creation (its NEW events must not be the burst), timeouts counted down so that every
+            # entry expires at about the same second
+            t0 = time.monotonic()
+            for i in range(30):
+                left = 8 - int(time.monotonic() - t0)
+                ctfill.fill(tracked.name, 400, start=i * 400, timeout=left, dport=53)
+                time.sleep(0.1)
+            wait_until("the burst's DESTROY events", lambda: events(exp, "destroy") - d0 >= 12_000, 60, interval=0.5)
+        finally:
+            stream.terminate()
+            stream.wait()
+        assert value(exp.scrape(), "conntrack_dns_events_lost_total") == 0

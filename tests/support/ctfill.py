@@ -93,11 +93,12 @@ def _drain_errors(s: socket.socket) -> None:
 
 
 def fill(ns: str, n: int, *, mark: int = FILL_MARK, start: int = 0, sources: int = 256,
-         timeout: int = 3600, batch: int = 400) -> int:
+         timeout: int = 3600, batch: int = 400, dport: int | None = None) -> int:
     """Ask the kernel to create `n` filler entries in namespace `ns`; return how many the table gained.
 
     Entry i has source 198.18.0.0 + i % sources and a source port derived from i // sources, so
-    different `start` values give different entries. At the table limit the rest fail (ENOMEM).
+    different `start` values give different entries (`dport`: every entry to that port instead). At the
+    table limit the rest fail (ENOMEM).
     """
     before = count(ns)
     s = _open(ns)
@@ -106,8 +107,9 @@ def fill(ns: str, n: int, *, mark: int = FILL_MARK, start: int = 0, sources: int
         for k in range(start, start + n):
             src = SRC_BASE + k % sources
             q = k // sources
-            sport, dport = 1024 + q % 64000, 9 + q // 64000
-            buf.append(_new_msg(k + 1, src, sport, DST, dport, mark, timeout))
+            sport = 1024 + q % 64000
+            to = 9 + q // 64000 if dport is None else dport
+            buf.append(_new_msg(k + 1, src, sport, DST, to, mark, timeout))
             if len(buf) == batch:
                 s.send(b"".join(buf))
                 buf.clear()
