@@ -151,7 +151,12 @@ class LiveDiagnosis:
                 ev.targets.append(TargetEvidence(key[0], key[1], pods[key], tallies))
         if self.nodelocal:
             ev.nodelocal = self.nodelocal
-            ev.nodelocal_answers = new.present.get(self.nodelocal)
+            # Down only when no round in the window had an answer: one round is one short question, and under
+            # packet loss it fails now and then while NodeLocal is there (the verdict is of the whole window).
+            answers = new.present.get(self.nodelocal)
+            if answers is False and any(s.present.get(self.nodelocal) for s in self._ring if s.at >= old.at):
+                answers = True
+            ev.nodelocal_answers = answers
         kube = self._ctx.targets.origin("kubernetes")
         if kube:
             ev.kube_endpoints = sum(1 for t in kube if t.kind == "endpoint")

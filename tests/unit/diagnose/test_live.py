@@ -78,3 +78,24 @@ def test_table_usage_and_drop_rate_come_from_the_samples() -> None:
 
 def test_page_before_the_first_tick_says_it_is_collecting() -> None:
     assert b"Collecting" in page.render(Node().live)
+
+
+def test_one_unanswered_nodelocal_round_under_loss_is_not_nodelocal_down() -> None:
+    node = Node()
+    nl = "169.254.20.10:53"
+    node.live.nodelocal = nl
+    node.store.set_present(nl, True)
+    v, _ = node.live.tick()
+    assert v.cause != "NodeLocalDNSCacheDown"
+    node.store.set_present(nl, False)  # one round's question lost: NodeLocal answered earlier in the window
+    node.live._ring[0].at -= 10
+    v, ev = node.live.tick()
+    assert ev.nodelocal_answers is True and v.cause != "NodeLocalDNSCacheDown"
+    for _ in range(7):  # no answer for longer than the window: down
+        for snap in node.live._ring:
+            snap.at -= 10
+        v, ev = node.live.tick()
+    assert ev.nodelocal_answers is False and (v.status, v.cause) == ("broken", "NodeLocalDNSCacheDown")
+    node.store.set_present(nl, True)  # back: at once
+    v, ev = node.live.tick()
+    assert ev.nodelocal_answers is True and v.cause != "NodeLocalDNSCacheDown"
