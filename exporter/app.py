@@ -31,6 +31,7 @@ from exporter.core.scrape import Collector, ScrapeWrapper, Service
 from exporter.diagnose import page
 from exporter.diagnose.live import LiveDiagnosis
 from exporter.discovery import Target
+from exporter.dnsflows.native import drain_name as event_parser_name
 from exporter.features import all_features
 from exporter.table.native import parser_name as table_parser_name
 from exporter.web import webconfig
@@ -57,9 +58,11 @@ class BuildInfo:
     def collect(self) -> list[Metric]:
         g = GaugeMetricFamily("conntrack_dns_exporter_build_info",
                               "Always 1; the exporter's version, VCS revision and branch, Python version and "
-                              "conntrack table dump parser (native or python) as labels.",
-                              labels=["version", "revision", "branch", "python_version", "table_parser"])
-        g.add_metric([__version__, self.revision, self.branch, platform.python_version(), table_parser_name()], 1)
+                              "conntrack table dump parser and conntrack event parser (native or python) as labels.",
+                              labels=["version", "revision", "branch", "python_version", "table_parser",
+                                      "event_parser"])
+        g.add_metric([__version__, self.revision, self.branch, platform.python_version(), table_parser_name(),
+                      event_parser_name()], 1)
         return [g]
 
     def describe(self) -> list[Metric]:

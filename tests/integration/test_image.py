@@ -164,9 +164,10 @@ def test_as_the_daemonset_runs_it_with_net_admin(built: str, netns: Netns, tmp_p
     assert value(samples, "conntrack_dns_exporter_collector_success", collector="conntrack") == 1.0, ctr.stderr()
     assert value(samples, "conntrack_dns_exporter_collector_success", collector="table") == 1.0, ctr.stderr()
     assert value(samples, "conntrack_table_scan_partial") == 0.0
-    # the native dump parser was compiled in the build stage and shipped in the wheel
+    # the native dump parser and event drain were compiled in the build stage and shipped in the wheel
     info = [dict(labels) for name, labels in samples if name == "conntrack_dns_exporter_build_info"]
     assert [i["table_parser"] for i in info] == ["native"], info
+    assert [i["event_parser"] for i in info] == ["native"], info  # the DNS-flow listener's event drain too
     assert value(samples, "conntrack_entries") is not None
     assert value(samples, "conntrack_dns_exporter_web_notrack_rule_present") == 1.0
     # exactly NET_ADMIN, effective, with allowPrivilegeEscalation: false (no_new_privs)
