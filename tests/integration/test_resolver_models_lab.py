@@ -48,12 +48,20 @@ def test_table_full_from_pod_and_node_matches_the_libraries(healthy_lab: Lab) ->
 
     try:
         lab.fault("table-full", 100)
-        threads = [threading.Thread(target=fn, args=(where, lib)) for where in ("pod", "node")
-                   for lib in ("glibc", "musl") for fn in (library, model)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # At 100 % the kernel still lets a new flow in when it can evict an entry that never saw a stream
+        # (early_drop: a leftover one-shot DNS flow of an earlier test in the same hash range): such a try
+        # did not meet a full table. Judge only tries without an early drop (3 at most).
+        for _ in range(3):
+            before = lab.ct_stats().get("early_drop", 0)
+            threads = [threading.Thread(target=fn, args=(where, lib)) for where in ("pod", "node")
+                       for lib in ("glibc", "musl") for fn in (library, model)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if lab.ct_stats().get("early_drop", 0) == before:
+                break
+            print(f"early_drop counted {lab.ct_stats().get('early_drop', 0) - before} evictions: trying again")
     finally:
         lab.heal("table-full")
         (node_etc / "resolv.conf").unlink()
