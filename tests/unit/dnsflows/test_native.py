@@ -186,19 +186,6 @@ def test_ci_has_the_native_drain() -> None:
     assert isinstance(native.new_drain(), NativeDrain)
 
 
-def test_build_info_says_which_event_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An image without the library costs 1.7 times the CPU per event: build_info says so."""
-    from exporter.app import BuildInfo
-
-    def label() -> str:
-        (fam,) = BuildInfo().collect()
-        return str(fam.samples[0].labels["event_parser"])
-
-    assert label() == "native"
-    monkeypatch.setattr(native, "_LIB", None)
-    assert label() == "python"
-
-
 def test_recorded_events_agree() -> None:
     evs, other, read = assert_same(recorded())
     assert (len(evs), other, read) == (8, 6, 14)

@@ -258,15 +258,3 @@ def test_short_value_at_the_end_of_the_buffer(tail: bytes, empty: str) -> None:
         assert out[-1] is not None and out[-1][0] == "ParseError"
     else:
         assert out[3] == 1
-
-
-def test_build_info_says_which_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    from exporter.app import BuildInfo
-
-    def label() -> str:
-        (fam,) = BuildInfo().collect()
-        return str(fam.samples[0].labels["table_parser"])
-
-    assert label() == "native"
-    monkeypatch.setattr(native, "_LIB", None)
-    assert label() == "python"
