@@ -106,7 +106,7 @@ async def _nodelocal_answers(t: Target, name: str) -> bool:
     for _ in range(NODELOCAL_ROUNDS):
         rs = await asyncio.gather(*(lookup(t.host, t.port, name, "parallel", 0.7, 1)
                                     for _ in range(NODELOCAL_CONCURRENT)))
-        if any(o.reason not in ("timeout", "network") for r in rs for o in r.outcomes.values()):
+        if any(r.heard for r in rs):
             return True
     return False
 

@@ -103,6 +103,11 @@ class ProbeResult:
         return all(o.reason is None for o in self.outcomes.values())
 
     @property
+    def heard(self) -> bool:
+        """Whether the server said anything to any query (an error rcode too): it is there."""
+        return any(o.reason not in ("timeout", "network") for o in self.outcomes.values())
+
+    @property
     def retried(self) -> list[str]:
         """Query types answered only after a retransmission (the 5-second wait itself)."""
         return [q for q, o in self.outcomes.items() if o.done and o.reason is None and o.attempt > 0]

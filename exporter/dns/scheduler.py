@@ -234,7 +234,7 @@ class ProbeService:
             # One short question decides whether NodeLocal DNSCache is there at all.
             r = await self._lookup(sem, t, self.config.names[0], "parallel",
                                    timeout=min(self.config.timeout, 1.0), attempts=1)
-            present = any(o.reason not in ("timeout", "network") for o in r.outcomes.values())
+            present = r.heard
             if self.store.set_present(t.server, present):
                 log.warning("nodelocal %s", "answers, probing it" if present else "does not answer, not probing it",
                             extra={"kv": {"server": t.server}})
