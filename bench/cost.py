@@ -338,13 +338,13 @@ def _cpu_window(exp: Exporter, first: float, window: float) -> tuple[float, str,
 
 class _BareReceiver:
     """A thread reading (and dropping) the DNS events of an event socket of its own in the namespace,
-    opened as the exporter opens its own (`open_events`: same BPF filter, 4 MiB buffer): the floor under
+    opened as the exporter opens its own (`open_events`: same BPF filter, the default buffer): the floor under
     any listener. `begin()`/`end()` bracket the measured window: (thread CPU, events, seconds)."""
 
     def __init__(self, ns: Netns) -> None:
-        from exporter.dnsflows.listener import open_events
+        from exporter.dnsflows.listener import RECEIVE_BUFFER, open_events
 
-        self.sock = in_netns(ns.name, open_events, 4 << 20)
+        self.sock = in_netns(ns.name, open_events, RECEIVE_BUFFER)
         self.events = 0
         self.cpu = 0.0
         self._mark: tuple[int, float, float] | None = None

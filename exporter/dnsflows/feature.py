@@ -13,7 +13,7 @@ from exporter.core.feature import AppContext, Built, Feature
 from exporter.core.flags import add_flag, duration, int_range
 from exporter.dnsflows.collector import DnsFlowsCollector
 from exporter.dnsflows.flows import FlowStats
-from exporter.dnsflows.listener import FlowListener
+from exporter.dnsflows.listener import RECEIVE_BUFFER, FlowListener
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="Pods reported by conntrack_dns_unanswered_top_pods (the rest are summed into pod=\"other\").")
     add_flag(g, "--collector.dnsflows.window", default=300.0, type=duration(10, 86400),
              help="Window of conntrack_dns_unanswered_top_pods: unanswered flows destroyed within it.")
-    add_flag(g, "--collector.dnsflows.receive-buffer", default=4 << 20, type=int_range(1, 1 << 30), metavar="BYTES",
+    add_flag(g, "--collector.dnsflows.receive-buffer", default=RECEIVE_BUFFER, type=int_range(1, 1 << 30),
+             metavar="BYTES",
              help="Receive buffer of the event socket; when it overflows the kernel drops events "
                   "(conntrack_dns_events_lost_total).")
     add_flag(g, "--collector.dnsflows.debug-unfiltered", default=False, action="bool",

@@ -35,6 +35,7 @@ OWN_ID_TTL = 600.0  # seconds: longer than any DNS flow lives in conntrack (TCP 
 REFRESH = 1.0  # seconds between re-reads of the pod map and target registry
 NO_POD = ("", "")
 OTHER_PODS = ("", "other")
+OTHER_LABEL = (OTHER, OTHER)  # the flows to a server that is no target
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ class FlowStats:
         if label is not None:
             return label
         kind = self._kinds.get(dst, OTHER)
-        if kind == OTHER or len(backend) not in (4, 16):  # none, or garbled: no address to name
+        if kind == OTHER:  # not cached: pods may ask any server, and these would crowd out the targets
+            return OTHER_LABEL
+        if len(backend) not in (4, 16):  # garbled: no address to name
             label = (kind, OTHER)
         else:
             name = _addr(backend)
@@ -153,7 +156,10 @@ class FlowStats:
         now = time.monotonic()
         pods = self._pods
         ports = self._discovery.own_ports.table()  # read after the batch was received: see OwnPorts
+        # the source ports of the registrations still valid: one int lookup per event rules most events out
+        own_sports = {port for (_proto, port), until in ports.items() if until > now} if ports else ()
         labels = self._labels
+        kinds = self._kinds
         label_of = self._label
         created = destroyed = 0
         with self._lock:
@@ -163,12 +169,12 @@ class FlowStats:
                 if is_new:
                     created += 1
                     # one of the exporter's own probes: no pod, from a port the probes registered
-                    if ports and src not in pods and ports.get((proto, sport), 0.0) > now:
+                    if sport in own_sports and src not in pods and ports.get((proto, sport), 0.0) > now:
                         self.excluded += 1
                         self.remember_own(ct_id, now)
                         own_ids = self._own_ids  # remember_own may have replaced it
                         continue
-                    label = labels.get((dst, rsrc)) or label_of(dst, rsrc)
+                    label = (labels.get((dst, rsrc)) or label_of(dst, rsrc)) if dst in kinds else OTHER_LABEL
                     flows[label] = flows.get(label, 0) + 1
                     continue
                 destroyed += 1
@@ -177,9 +183,9 @@ class FlowStats:
                 if status & IPS_SEEN_REPLY:
                     continue
                 # an own probe whose NEW event was lost or came before we listened
-                if ports and src not in pods and ports.get((proto, sport), 0.0) > now:
+                if sport in own_sports and src not in pods and ports.get((proto, sport), 0.0) > now:
                     continue
-                label = labels.get((dst, rsrc)) or label_of(dst, rsrc)
+                label = (labels.get((dst, rsrc)) or label_of(dst, rsrc)) if dst in kinds else OTHER_LABEL
                 unanswered[label] = unanswered.get(label, 0) + 1
                 if counts is None:
                     bucket = int(now / self._width)

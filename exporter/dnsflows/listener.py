@@ -57,6 +57,11 @@ DRAIN_MAX = 1024  # datagrams read (and accounted as one batch) before the liste
 BURST_GAP = 10.0  # seconds without an overflow that end a burst (for the log line)
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 RECV_BUFFER = 1 << 16
+# The event socket's receive buffer by default (`--collector.dnsflows.receive-buffer`): kernel memory, used
+# only while events wait to be read. 16 MiB (the kernel doubles it: about 25,800 events) lets the listener
+# pause 0.26 s between drains under the burst cap above (4 MiB: 0.065 s), so a steady stream costs about 4
+# wake-ups a second instead of 16; each costs the thread some 100 µs on these VMs (docs/dnsflows.md).
+RECEIVE_BUFFER = 16 << 20
 
 
 class EventSocket(Protocol):
@@ -155,7 +160,7 @@ class FlowListener:
 
     name = "dnsflows"
 
-    def __init__(self, stats: FlowStats, *, receive_buffer: int = 4 << 20, use_filter: bool = True,
+    def __init__(self, stats: FlowStats, *, receive_buffer: int = RECEIVE_BUFFER, use_filter: bool = True,
                  open_socket: Callable[[], EventSocket] | None = None,
                  events_sysctl: Callable[[], int | None] = read_events_sysctl,
                  resync: Callable[[FlowStats, float], list[int]] = dump_dns_flows,
@@ -253,6 +258,11 @@ class FlowListener:
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(wake, select.POLLIN)
+        # the pause between two drains waits on the wake pipe alone: a poll with a timeout costs the thread
+        # about a third less CPU than threading.Event.wait (a lock, a condition) on this kind of VM, where
+        # every sleep costs tens of microseconds (docs/dnsflows.md)
+        pauser = select.poll()
+        pauser.register(wake, select.POLLIN)
         next_sysctl = time.monotonic() + SYSCTL_EVERY
         wait = True
         ended = time.monotonic()  # when the previous drain ended
@@ -276,8 +286,9 @@ class FlowListener:
             if 0 < read < self._batch:
                 # after a quiet time the rate is unknown: a short pause measures it; then the events read
                 # came in since the previous drain ended
-                self._stop.wait(min(BATCH_FIRST, self._pause) if woke
-                                else min(self._pause, self._batch * (began - ended) / read))
+                pause = (min(BATCH_FIRST, self._pause) if woke
+                         else min(self._pause, self._batch * (began - ended) / read))
+                pauser.poll(math.ceil(pause * 1000))
             ended = now
 
     def _drain(self, sock: EventSocket, buf: bytearray) -> int:

@@ -227,6 +227,27 @@ def test_an_idle_listener_stops_at_once() -> None:
         other_end.close()
 
 
+def test_a_listener_pausing_between_drains_stops_at_once() -> None:
+    """Under a steady stream the listener pauses between drains (on its wake pipe, docs/dnsflows.md), for
+    up to half a second with the default buffer; stop() must end a pause at once. The pause is stretched
+    to 30 s here, so a stop that waited for it would be seen."""
+    stream, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener = FlowListener(FlowStats(discovery()), open_socket=lambda: stream, events_sysctl=lambda: 2)
+    listener._pause = 30.0
+    try:
+        listener.start()
+        for _ in range(10):  # one datagram per 20 ms: every drain finds some, so the listener pauses
+            sender.send(b"\0" * 20)
+            time.sleep(0.02)
+        time.sleep(0.3)  # in a pause: the rate seen asks for a long one
+        assert listener.stats.events["other"] >= 1 and listener._thread is not None
+        started = time.monotonic()
+        listener.stop(5)
+        assert not listener._thread.is_alive() and time.monotonic() - started < 1.0
+    finally:
+        sender.close()
+
+
 def test_a_garbled_reply_source_is_counted_as_backend_other_not_a_crash() -> None:
     """A message whose reply-tuple source is no 4- or 16-byte address (a garbled event that still parsed:
     the attribute walk takes an address attribute of any length) to a known server: the flow is counted with
