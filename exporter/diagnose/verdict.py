@@ -8,10 +8,11 @@ rule that holds names the cause; every other rule that could be checked and did 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from exporter.diagnose.evidence import CLUSTER, EXTERNAL, Evidence, TargetEvidence
+from exporter.diagnose.evidence import CLUSTER, EXTERNAL, Evidence, Tally, TargetEvidence
 
 HEALTHY, DEGRADED, BROKEN = "healthy", "degraded", "broken"
 EXIT_CODES = {HEALTHY: 0, DEGRADED: 1, BROKEN: 2}
@@ -22,6 +23,12 @@ TABLE_FULL = 0.98
 TABLE_NEAR_FULL = 0.90
 DEAD = 0.9  # a target failing this share of its lookups does not answer (packet loss stays below it)
 FAILING = 0.20  # the Service IP failing this share while its endpoints answer: a broken path
+# ... or failing fewer, but more than its endpoints can explain: at least PATH_MIN_FAILED lookups, and a path
+# failing as often as the endpoints do (at least PATH_BASE) would fail that many less than PATH_P of the time
+# (a stale endpoint with a small share of the DNAT map: its share of a few seconds' lookups varies a lot)
+PATH_MIN_FAILED = 3
+PATH_BASE = 0.02
+PATH_P = 0.005
 HEALTHY_MAX = 0.05  # a target failing at most this share is answering
 LOSS_MIN = 0.10  # UDP lookups failing on several targets at this share, while TCP is fine: packet loss
 SLOW = 0.5  # the share of answers slower than SLOW_SECONDS that makes a target slow
@@ -114,8 +121,14 @@ def service_ip_path(ev: Evidence) -> Finding | None:
     eps = ev.of_kind("endpoint")
     if not svc or not eps:
         return None
-    bad = [s for s in svc if s.tally(scope=CLUSTER).fail_ratio >= FAILING]
-    if bad and all(t.tally(scope=CLUSTER).fail_ratio <= HEALTHY_MAX for t in eps):
+    if not all(t.tally(scope=CLUSTER).fail_ratio <= HEALTHY_MAX for t in eps):
+        return None
+    pooled = Tally()
+    for t in eps:
+        pooled.merge(t.tally(scope=CLUSTER))
+    base = max(PATH_BASE, pooled.fail_ratio)
+    bad = [s for s in svc if _fails_more(s.tally(scope=CLUSTER), base)]
+    if bad:
         lines = [_describe(s) for s in bad] + [f"every endpoint answers directly ({len(eps)} checked)"]
         if ev.table is not None and ev.table.stale_dns:
             lines.append(f"{ev.table.stale_dns} DNS conntrack entries answered by no current endpoint (stale NAT)")
@@ -123,6 +136,17 @@ def service_ip_path(ev: Evidence) -> Finding | None:
             lines.append(f"kube-proxy last synced its rules {ev.kube_proxy.last_sync_age:.0f} s ago")
         return Finding("DNSServiceIPPathBroken", BROKEN, lines)
     return None
+
+
+def _fails_more(t: Tally, base: float) -> bool:
+    """Whether a target fails at least FAILING of its lookups, or more than a path failing `base` of them
+    would: at least PATH_MIN_FAILED failures, and the binomial tail P(X >= failed | lookups, base) < PATH_P."""
+    if t.fail_ratio >= FAILING:
+        return True
+    if t.failed < PATH_MIN_FAILED:
+        return False
+    tail = 1.0 - sum(math.comb(t.lookups, i) * base**i * (1 - base) ** (t.lookups - i) for i in range(t.failed))
+    return tail < PATH_P
 
 
 def packet_loss(ev: Evidence) -> Finding | None:

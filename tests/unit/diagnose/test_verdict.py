@@ -78,6 +78,22 @@ def test_service_ip_failing_while_every_endpoint_answers_is_a_broken_path() -> N
     assert decide(node(target(svc.server, "service", cluster=(20, 6)), lossy, b)).cause != "DNSServiceIPPathBroken"
 
 
+def test_a_small_stale_share_is_still_a_broken_path_when_the_endpoints_cannot_explain_it() -> None:
+    """A stale endpoint with a small share of the DNAT map fails a varying share of a few seconds' lookups:
+    in the lab (2 pods + 1 stale address) between 19% and 75%. 3 of 16 (below FAILING) while every endpoint
+    answers all of its own is still the path (a CI run named it "DNSProbeFailures"); the same 3 of 16 next
+    to endpoints that fail now and then (2 of 60) is not singled out."""
+    svc, a, b = healthy_targets()
+    stale = target(svc.server, "service", cluster=(10, 3), tcp=(6, 0))
+    v = decide(node(stale, a, b))
+    assert (v.status, v.cause) == ("broken", "DNSServiceIPPathBroken")
+    flaky = [target(t.server, "endpoint", cluster=(20, 1)) for t in (a, b)]
+    assert decide(node(stale, *flaky)).cause != "DNSServiceIPPathBroken"
+    # two failures are never enough on their own
+    assert decide(node(target(svc.server, "service", cluster=(10, 2), tcp=(6, 0)), a, b)).cause \
+        != "DNSServiceIPPathBroken"
+
+
 def test_udp_loss_everywhere_with_tcp_fine_is_packet_loss() -> None:
     lossy = [target(t.server, t.kind, cluster=(20, 8)) for t in healthy_targets()]
     v = decide(node(*lossy))
