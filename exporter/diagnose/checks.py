@@ -75,12 +75,19 @@ def table_evidence(ctx: AppContext, budget: Budget) -> TableEvidence:
     return ev
 
 
+SERVICE_DRAWS = 2  # the Service IP's lookups per mode and round
+
+
 async def _probe_target(t: Target, cluster_name: str, external_name: str, budget: Budget,
                         deadline: float) -> TargetEvidence:
     ev = TargetEvidence(t.server, t.kind, t.pod)
     plan = [("parallel", CLUSTER, cluster_name), ("sequential", CLUSTER, cluster_name), ("tcp", CLUSTER, cluster_name)]
     if external_name:
         plan.append(("parallel", EXTERNAL, external_name))
+    if t.kind == "service":
+        # each lookup is a new flow, which the Service's DNAT sends to a backend at random: twice the draws
+        # (at once, so no extra time) let a stale endpoint with a small share show (verdict.service_ip_path)
+        plan = plan * SERVICE_DRAWS
     loop = asyncio.get_running_loop()
     for _ in range(budget.rounds):
         left = deadline - loop.time()
