@@ -145,8 +145,11 @@ def _fails_more(t: Tally, base: float) -> bool:
         return True
     if t.failed < PATH_MIN_FAILED:
         return False
-    tail = 1.0 - sum(math.comb(t.lookups, i) * base**i * (1 - base) ** (t.lookups - i) for i in range(t.failed))
-    return tail < PATH_P
+    n, k = t.lookups, t.failed
+    # P(X < k) in log space (lgamma): no overflow of C(n, i) however many lookups the window holds
+    below = sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                         + i * math.log(base) + (n - i) * math.log1p(-base)) for i in range(k))
+    return 1.0 - below < PATH_P
 
 
 def packet_loss(ev: Evidence) -> Finding | None:

@@ -89,6 +89,9 @@ def test_a_small_stale_share_is_still_a_broken_path_when_the_endpoints_cannot_ex
     assert (v.status, v.cause) == ("broken", "DNSServiceIPPathBroken")
     flaky = [target(t.server, "endpoint", cluster=(20, 1)) for t in (a, b)]
     assert decide(node(stale, *flaky)).cause != "DNSServiceIPPathBroken"
+    # thousands of lookups (a long window) are no overflow; failing at the endpoints' rate is no path fault
+    many = target(svc.server, "service", cluster=(8000, 260), tcp=(10, 0))
+    assert decide(node(many, *flaky)).cause != "DNSServiceIPPathBroken"
     # two failures are never enough on their own
     assert decide(node(target(svc.server, "service", cluster=(10, 2), tcp=(6, 0)), a, b)).cause \
         != "DNSServiceIPPathBroken"
